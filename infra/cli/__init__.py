@@ -1,0 +1,1 @@
+"""The `ragbus` command line."""

@@ -1,0 +1,58 @@
+"""Shared pieces of the CLI: settings, one-line errors, console output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from infra.logs import setup_logging
+from infra.procs import ServiceError
+from infra.settings import Settings
+
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def settings() -> Settings:
+    try:
+        s = Settings()
+    except ValidationError as e:
+        err_console.print(f"[red]error:[/red] invalid configuration: {e}")
+        raise typer.Exit(2) from None
+    setup_logging(s.log_level)
+    return s
+
+
+def friendly_errors(fn: F) -> F:
+    """Turn expected failures into one red line (with the log path) and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ServiceError as e:
+            err_console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(130) from None
+        except (ConnectionError, OSError) as e:
+            if isinstance(e, FileNotFoundError | PermissionError):
+                raise
+            err_console.print(f"[red]error:[/red] {type(e).__name__}: {e}")
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")

@@ -1,0 +1,72 @@
+"""`ragbus`: run and inspect a ragbus deployment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from infra.cli import stack as stack_cmds
+from infra.cli.common import console, print_json, settings
+
+app = typer.Typer(
+    name="ragbus",
+    help="Kafka-native retrieval-augmented chat: questions on topics, answers from your documents.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+app.command("up")(stack_cmds.up)
+app.command("down")(stack_cmds.down)
+app.command("status")(stack_cmds.status)
+app.command("smoke")(stack_cmds.smoke)
+app.command("demo")(stack_cmds.demo)
+
+
+@app.command("config")
+def config(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """Print the effective configuration (environment, .env, ragbus.toml, defaults), secrets masked."""
+    values = settings().masked()
+    if as_json:
+        print_json(values)
+        return
+    width = max(len(k) for k in values)
+    for k, v in values.items():
+        console.print(f"{k.ljust(width)}  {v}", highlight=False)
+
+
+schemas_app = typer.Typer(help="The event contract.", no_args_is_help=True)
+app.add_typer(schemas_app, name="schemas")
+
+
+@schemas_app.command("export")
+def schemas_export(
+    directory: Path = typer.Argument(None, help="Where to write the files (default: schemas/json)."),
+) -> None:
+    """Write one JSON Schema file per event type, plus topics.json mapping topics to schemas."""
+    from schemas.export import JSON_DIR, export
+
+    for path in export(directory or JSON_DIR):
+        console.print(str(path))
+
+
+topics_app = typer.Typer(help="Kafka topics.", no_args_is_help=True)
+app.add_typer(topics_app, name="topics")
+
+
+@topics_app.command("declare")
+def topics_declare() -> None:
+    """Create the declared topics that are missing (idempotent)."""
+    import asyncio
+
+    from infra.kafka.topics import declare_topics
+
+    d = asyncio.run(declare_topics(settings()))
+    console.print(f"created: {len(d.created)}; already present: {len(d.existing)}")
+    for name, (have, want) in d.under_partitioned.items():
+        console.print(f"[yellow]{name}: {have} partitions, {want} declared[/yellow]")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,1 @@
+"""Kafka plumbing: the local KRaft broker, topic declaration, client factories, codec and DLQ."""

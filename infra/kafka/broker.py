@@ -1,0 +1,333 @@
+"""A real Apache Kafka broker (KRaft, combined broker+controller) run as a local Java process.
+
+Used by `ragbus up` and by the test fixtures when no cluster is named by RAGBUS_KAFKA_BOOTSTRAP
+and no Docker engine answers. Data survives `stop()`/`start()`; `kill()` is a SIGKILL for
+crash tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from infra.kafka.jars import ensure_jars
+from infra.kafka.tls import make_keystore
+from infra.procs import ServiceError, pid_alive, port_in_use, read_pid, tail, terminate
+
+log = logging.getLogger(__name__)
+
+LOG4J2 = Path(__file__).with_name("log4j2.properties")
+
+
+@dataclass(frozen=True)
+class ScramUser:
+    name: str
+    password: str
+    mechanism: str = "SCRAM-SHA-256"
+
+
+@dataclass
+class SaslSslListener:
+    """An extra SASL_SSL listener with SCRAM users, created when the storage is formatted."""
+
+    port: int
+    users: list[ScramUser] = field(default_factory=list)
+
+
+class LocalKafka:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        cache: Path,
+        version: str,
+        host: str = "127.0.0.1",
+        port: int = 9092,
+        controller_port: int = 9093,
+        heap: str = "768m",
+        sasl_ssl: SaslSslListener | None = None,
+        default_partitions: int = 1,
+    ) -> None:
+        self.root = root
+        self.cache = cache
+        self.version = version
+        self.host = host
+        self.port = port
+        self.controller_port = controller_port
+        self.heap = heap
+        self.sasl_ssl = sasl_ssl
+        self.default_partitions = default_partitions
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    # --- layout ----------------------------------------------------------------------------
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "server.properties"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "broker.log"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.root / "broker.pid"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.root / "tls"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.tls_dir / "ca.pem"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def sasl_bootstrap(self) -> str | None:
+        return f"{self.host}:{self.sasl_ssl.port}" if self.sasl_ssl else None
+
+    @property
+    def pid(self) -> int | None:
+        if self._proc is not None and self._proc.poll() is None:
+            return self._proc.pid
+        pid = read_pid(self.pid_path)
+        return pid if pid_alive(pid) else None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+    # --- configuration ---------------------------------------------------------------------
+    def _keystore_password(self) -> str:
+        path = self.tls_dir / "password"
+        if not path.exists():
+            self.tls_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(18))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    def _properties(self) -> dict[str, str]:
+        h = self.host
+        listeners = [f"PLAINTEXT://{h}:{self.port}", f"CONTROLLER://{h}:{self.controller_port}"]
+        protocol_map = ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT"]
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@{h}:{self.controller_port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "log.dirs": str(self.data_dir),
+            "num.partitions": str(self.default_partitions),
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "10",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "10",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            "auto.create.topics.enable": "false",
+            "message.max.bytes": str(64 * 1024 * 1024),
+            "replica.fetch.max.bytes": str(64 * 1024 * 1024),
+            "socket.request.max.bytes": str(128 * 1024 * 1024),
+            "log.retention.check.interval.ms": "60000",
+            "num.network.threads": "2",
+            "num.io.threads": "4",
+            "background.threads": "4",
+        }
+        if self.sasl_ssl is not None:
+            p12, _ = self.tls_dir / "broker.p12", self.ca_file
+            pw = self._keystore_password()
+            listeners.append(f"SASL_SSL://{h}:{self.sasl_ssl.port}")
+            protocol_map.append("SASL_SSL:SASL_SSL")
+            mechanisms = sorted({u.mechanism for u in self.sasl_ssl.users} or {"SCRAM-SHA-256"})
+            props["sasl.enabled.mechanisms"] = ",".join(mechanisms)
+            for mech in mechanisms:
+                props[f"listener.name.sasl_ssl.{mech.lower()}.sasl.jaas.config"] = (
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+                )
+            props.update(
+                {
+                    "ssl.keystore.type": "PKCS12",
+                    "ssl.keystore.location": str(p12),
+                    "ssl.keystore.password": pw,
+                    "ssl.key.password": pw,
+                    "ssl.client.auth": "none",
+                }
+            )
+        props["listeners"] = ",".join(listeners)
+        props["advertised.listeners"] = ",".join(x for x in listeners if not x.startswith("CONTROLLER"))
+        props["listener.security.protocol.map"] = ",".join(protocol_map)
+        return props
+
+    def _write_config(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        text = "".join(f"{k}={v}\n" for k, v in self._properties().items())
+        self.config_path.write_text("# written by ragbus; edits are overwritten at start\n" + text)
+
+    def _java(self, libs: Path, main: str, *args: str, heap: str = "256m") -> list[str]:
+        return [
+            "java",
+            f"-Xmx{heap}",
+            "-XX:+UseG1GC",
+            "-XX:+ExitOnOutOfMemoryError",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={LOG4J2}",
+            "-cp",
+            f"{libs}/*",
+            main,
+            *args,
+        ]
+
+    @property
+    def formatted(self) -> bool:
+        return (self.data_dir / "meta.properties").exists()
+
+    def prepare(self) -> Path:
+        """Resolve jars, write the config and format KRaft storage on first use."""
+        libs = ensure_jars(self.cache, self.version)
+        if self.sasl_ssl is not None and not (self.tls_dir / "broker.p12").exists():
+            make_keystore(self.tls_dir, self._keystore_password(), self.host)
+        self._write_config()
+        if not self.formatted:
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            args = ["format", "-t", cluster_id, "-c", str(self.config_path)]
+            for user in self.sasl_ssl.users if self.sasl_ssl else []:
+                args += ["--add-scram", f"{user.mechanism}=[name={user.name},password={user.password}]"]
+            out = subprocess.run(
+                self._java(libs, "kafka.tools.StorageTool", *args),
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if out.returncode != 0:
+                fmt_log = self.root / "format.log"
+                fmt_log.write_text(out.stdout + out.stderr)
+                raise ServiceError("formatting the KRaft storage failed", fmt_log)
+        return libs
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def start(self, *, wait: bool = True, timeout: float = 120.0) -> int:
+        if self.running:
+            if wait:
+                self.wait_ready(timeout)
+            return self.pid  # type: ignore[return-value]
+        for port in (self.port, self.controller_port, *([self.sasl_ssl.port] if self.sasl_ssl else [])):
+            if port_in_use(port, self.host):
+                raise ServiceError(
+                    f"port {port} on {self.host} is taken by another process; free it or set "
+                    "RAGBUS_KAFKA_PORT / RAGBUS_KAFKA_CONTROLLER_PORT"
+                )
+        libs = self.prepare()
+        env = dict(os.environ, KAFKA_HEAP_OPTS=f"-Xmx{self.heap}")
+        with open(self.log_path, "ab") as out:
+            out.write(f"\n--- ragbus: starting broker at {time.ctime()} ---\n".encode())
+            out.flush()
+            self._proc = subprocess.Popen(
+                self._java(libs, "kafka.Kafka", str(self.config_path), heap=self.heap),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        self.pid_path.write_text(f"{self._proc.pid}\n")
+        log.info(
+            "kafka broker starting (pid %d) on %s, log %s", self._proc.pid, self.bootstrap, self.log_path
+        )
+        if wait:
+            self.wait_ready(timeout)
+        return self._proc.pid
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Block until the broker answers a metadata request with itself as a live broker."""
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if not self.running:
+                raise ServiceError(
+                    f"the Kafka broker exited during start-up:\n{tail(self.log_path, 15)}", self.log_path
+                )
+            try:
+                if probe(self.bootstrap, timeout=5.0):
+                    return
+            except Exception as e:
+                last = e
+            time.sleep(0.3)
+        raise ServiceError(
+            f"the Kafka broker did not become ready in {timeout:.0f} s ({last})", self.log_path
+        )
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Controlled shutdown (SIGTERM), SIGKILL after `timeout`."""
+        pid = self.pid
+        if pid is not None and terminate(pid, timeout):
+            log.warning("kafka broker %d did not stop in %.0f s and was killed", pid, timeout)
+        self._reap()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        pid = self.pid
+        if pid is not None:
+            terminate(pid, timeout=0, sig=signal.SIGKILL)
+        self._reap()
+
+    def restart(self, timeout: float = 120.0) -> None:
+        self.stop()
+        self.start(timeout=timeout)
+
+    def _reap(self) -> None:
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=10)
+            self._proc = None
+        self.pid_path.unlink(missing_ok=True)
+
+
+async def _probe(bootstrap: str, timeout: float) -> bool:
+    from aiokafka.client import AIOKafkaClient
+
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    try:
+        await asyncio.wait_for(client.bootstrap(), timeout)
+        metadata = await asyncio.wait_for(client.fetch_all_metadata(), timeout)
+        return bool(metadata.brokers())
+    finally:
+        await client.close()
+
+
+_probe_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka-probe")
+
+
+def _tcp_open(bootstrap: str, timeout: float) -> bool:
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def probe(bootstrap: str, timeout: float = 5.0) -> bool:
+    """True when a broker at `bootstrap` answers metadata; callable from sync and async code."""
+    if not _tcp_open(bootstrap, timeout):
+        return False
+    return _probe_pool.submit(asyncio.run, _probe(bootstrap, timeout)).result(timeout + 5)

@@ -1,0 +1,119 @@
+"""One place that builds Kafka clients from settings: security, idempotence, transactions.
+
+Producers are idempotent with acks=all; consumers never auto-commit and read only committed
+records, so a component commits an offset only after its effect is durable (or inside the same
+transaction as its output).
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.helpers import create_ssl_context
+
+from infra.settings import Settings
+
+#: Larger than any declared topic's max.message.bytes, so the broker is the one that decides.
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
+
+
+def security_kwargs(settings: Settings, **override: Any) -> dict[str, Any]:
+    """SSL and SASL options shared by producers, consumers and the admin client."""
+    protocol = override.get("security_protocol", settings.kafka_security_protocol)
+    kw: dict[str, Any] = {"security_protocol": protocol}
+    if protocol in ("SSL", "SASL_SSL"):
+        kw["ssl_context"] = override.get("ssl_context") or ssl_context(settings)
+    if protocol.startswith("SASL"):
+        kw["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        kw["sasl_plain_username"] = settings.kafka_sasl_username
+        kw["sasl_plain_password"] = (
+            settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None
+        )
+    return kw
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext:
+    ctx = create_ssl_context(
+        cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None,
+        certfile=str(settings.kafka_ssl_certfile) if settings.kafka_ssl_certfile else None,
+        keyfile=str(settings.kafka_ssl_keyfile) if settings.kafka_ssl_keyfile else None,
+        password=settings.kafka_ssl_password.get_secret_value() if settings.kafka_ssl_password else None,
+    )
+    ctx.check_hostname = settings.kafka_ssl_check_hostname
+    return ctx
+
+
+def _common(settings: Settings, client_id: str | None) -> dict[str, Any]:
+    return {
+        "bootstrap_servers": settings.bootstrap,
+        "client_id": client_id or settings.kafka_client_id,
+        "request_timeout_ms": settings.kafka_request_timeout_ms,
+        **security_kwargs(settings),
+    }
+
+
+def make_producer(
+    settings: Settings,
+    *,
+    client_id: str | None = None,
+    transactional_id: str | None = None,
+    **overrides: Any,
+) -> AIOKafkaProducer:
+    """An idempotent producer (acks=all); transactional when `transactional_id` is given.
+
+    Call `await producer.start()` (and `stop()`), or use it as an async context manager.
+    """
+    compression = None if settings.kafka_compression == "none" else settings.kafka_compression
+    kw: dict[str, Any] = {
+        **_common(settings, client_id),
+        "acks": "all",
+        "enable_idempotence": True,
+        "compression_type": compression,
+        "linger_ms": settings.kafka_linger_ms,
+        "max_request_size": MAX_REQUEST_BYTES,
+        "max_batch_size": 1024 * 1024,
+    }
+    if transactional_id is not None:
+        kw["transactional_id"] = transactional_id
+        # The transaction spans only the publish of finished results, never model work, so a
+        # short timeout lets the coordinator abort a crashed process's transaction quickly.
+        kw["transaction_timeout_ms"] = 15_000
+    kw.update(overrides)
+    return AIOKafkaProducer(**kw)
+
+
+def make_consumer(
+    settings: Settings,
+    *topics: str,
+    group_id: str | None,
+    client_id: str | None = None,
+    **overrides: Any,
+) -> AIOKafkaConsumer:
+    """A consumer that commits manually and reads only committed records."""
+    kw: dict[str, Any] = {
+        **_common(settings, client_id),
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "isolation_level": "read_committed",
+        "max_poll_interval_ms": settings.kafka_max_poll_interval_ms,
+        "session_timeout_ms": settings.kafka_session_timeout_ms,
+        "heartbeat_interval_ms": max(1000, settings.kafka_session_timeout_ms // 3),
+        "fetch_max_bytes": MAX_REQUEST_BYTES,
+        "max_partition_fetch_bytes": 32 * 1024 * 1024,
+    }
+    kw.update(overrides)
+    return AIOKafkaConsumer(*topics, **kw)
+
+
+def make_admin(settings: Settings, *, client_id: str | None = None) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(**_common(settings, (client_id or settings.kafka_client_id) + "-admin"))
+
+
+def transactional_id(settings: Settings, component: str) -> str:
+    """`<prefix>.<component>.<instance>`: a stable RAGBUS_INSTANCE_ID lets a restarted process
+    fence its crashed predecessor at once instead of waiting for the transaction timeout."""
+    return f"{settings.topic_prefix}.{component}.{settings.process_id}"

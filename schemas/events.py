@@ -1,0 +1,212 @@
+"""Every event that travels on a ragbus topic (pydantic v2; JSON on the wire)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, model_validator
+
+from schemas.base import B64Bytes, ErrorInfo, EventBase
+
+Role = Literal["system", "user", "assistant"]
+MetadataValue = str | int | float | bool
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatMessage(_Part):
+    role: Role
+    content: str = Field(max_length=100_000)
+
+
+class SamplingParams(_Part):
+    max_tokens: int = Field(default=256, ge=1, le=8192)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, max_length=8)
+
+
+class RetrievalOptions(_Part):
+    top_k: int | None = Field(default=None, ge=1, le=50, description="None: the processor's default.")
+    hybrid: bool | None = Field(default=None, description="Dense + BM25 fused with RRF; None: default.")
+    enabled: bool = Field(default=True, description="False: answer without retrieved context.")
+
+
+class StageTimings(_Part):
+    """Milliseconds spent in each stage of one request's trip through the bus."""
+
+    retrieval_queue_ms: float | None = Field(
+        default=None, description="Request created → retrieval picked it up."
+    )
+    retrieval_batch_ms: float | None = Field(default=None, description="Waiting for the micro-batch to fill.")
+    embed_ms: float | None = None
+    search_ms: float | None = None
+    inference_queue_ms: float | None = Field(
+        default=None, description="Enriched published → worker batch start."
+    )
+    generate_ms: float | None = Field(default=None, description="Time inside the model engine.")
+    total_ms: float | None = Field(default=None, description="Request created → response published.")
+
+
+class Usage(_Part):
+    prompt_tokens: int = Field(default=0, ge=0)
+    completion_tokens: int = Field(default=0, ge=0)
+    total_tokens: int = Field(default=0, ge=0)
+
+
+class RetrievedChunk(_Part):
+    chunk_id: str
+    doc_id: str
+    text: str
+    score: float
+    source: str | None = None
+    title: str | None = None
+
+
+class Citation(_Part):
+    index: int = Field(ge=1, description="The [n] marker used in the prompt and the answer.")
+    doc_id: str
+    chunk_id: str
+    source: str | None = None
+    title: str | None = None
+    score: float
+
+
+class ChatRequest(EventBase):
+    """A question, on `ragbus.<lane>.requests`."""
+
+    event_type: ClassVar[str] = "chat.request"
+
+    question: str = Field(min_length=1, max_length=32_000)
+    history: list[ChatMessage] = Field(default_factory=list, max_length=200)
+    system_prompt: str | None = Field(default=None, max_length=16_000)
+    conversation_id: str | None = Field(default=None, max_length=128)
+    model: str | None = Field(default=None, description="A served model name; None: the route table picks.")
+    stream: bool = Field(default=False, description="Also publish TokenChunk events as tokens arrive.")
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    retrieval: RetrievalOptions = Field(default_factory=RetrievalOptions)
+    job_id: str | None = Field(default=None, max_length=128, description="Bulk job this request belongs to.")
+    custom_id: str | None = Field(default=None, max_length=256, description="Caller's id inside a bulk job.")
+    client_ip: IPvAnyAddress | None = None
+    metadata: dict[str, MetadataValue] = Field(default_factory=dict)
+
+
+class EnrichedRequest(EventBase):
+    """A request with its retrieved context, on `ragbus.<lane>.enriched`."""
+
+    event_type: ClassVar[str] = "chat.enriched"
+
+    request: ChatRequest
+    chunks: list[RetrievedChunk] = Field(default_factory=list)
+    no_context: bool = Field(default=False, description="The tenant has no documents (or retrieval was off).")
+    timings: StageTimings = Field(default_factory=StageTimings)
+
+
+class ChatResponse(EventBase):
+    """The final answer (or error) for a request, on `ragbus.<lane>.responses`."""
+
+    event_type: ClassVar[str] = "chat.response"
+
+    answer: str = ""
+    citations: list[Citation] = Field(default_factory=list)
+    model: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    timings: StageTimings = Field(default_factory=StageTimings)
+    finish_reason: Literal["stop", "length", "error"] | None = None
+    cached: bool = Field(default=False, description="Served from the response cache.")
+    error: ErrorInfo | None = None
+    conversation_id: str | None = None
+    job_id: str | None = None
+    custom_id: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class TokenChunk(EventBase):
+    """Streamed piece of an answer, on `ragbus.chat.tokens`; the ChatResponse remains authoritative."""
+
+    event_type: ClassVar[str] = "chat.token"
+
+    index: int = Field(ge=0)
+    text: str
+    final: bool = False
+    model: str | None = None
+
+
+ContentType = Literal["text/plain", "text/markdown", "text/html", "application/pdf"]
+
+
+class DocumentIngest(EventBase):
+    """A document to (re)index or delete, on `ragbus.docs.ingest`."""
+
+    event_type: ClassVar[str] = "docs.ingest"
+
+    doc_id: str = Field(min_length=1, max_length=256)
+    op: Literal["upsert", "delete"] = "upsert"
+    content_type: ContentType = "text/plain"
+    text: str | None = Field(default=None, description="The document as text (plain, Markdown, HTML).")
+    data: B64Bytes | None = Field(default=None, description="Binary document (PDF), base64 in JSON.")
+    source: str | None = Field(default=None, max_length=2048, description="File name or URI.")
+    title: str | None = Field(default=None, max_length=1024)
+    metadata: dict[str, MetadataValue] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _has_content(self) -> DocumentIngest:
+        if self.op == "upsert" and self.text is None and self.data is None:
+            raise ValueError("an upsert needs `text` or `data`")
+        if self.content_type == "application/pdf" and self.op == "upsert" and self.data is None:
+            raise ValueError("a PDF upsert carries its bytes in `data`")
+        return self
+
+
+class IngestTimings(_Part):
+    parse_ms: float | None = None
+    chunk_ms: float | None = None
+    embed_ms: float | None = None
+    upsert_ms: float | None = None
+    total_ms: float | None = None
+
+
+class IngestResult(EventBase):
+    """Outcome of one DocumentIngest, on `ragbus.docs.ingested`."""
+
+    event_type: ClassVar[str] = "docs.ingested"
+
+    doc_id: str
+    op: Literal["upsert", "delete"]
+    status: Literal["ok", "error"]
+    chunks: int = Field(default=0, ge=0)
+    timings: IngestTimings = Field(default_factory=IngestTimings)
+    error: ErrorInfo | None = None
+
+
+class KafkaHeader(_Part):
+    key: str
+    value: B64Bytes | None = None
+
+
+class DeadLetter(EventBase):
+    """A message a stage could not process, on `<source topic>.dlq`, with the original bytes."""
+
+    event_type: ClassVar[str] = "dead_letter"
+
+    # The original may not have parsed, so the envelope is best-effort here.
+    tenant_id: str = Field(default="unknown", min_length=1, max_length=128)
+
+    source_topic: str
+    source_partition: int = Field(ge=0)
+    source_offset: int = Field(ge=0)
+    source_timestamp_ms: int | None = None
+    original_key: B64Bytes | None = None
+    original_value: B64Bytes | None = None
+    original_headers: list[KafkaHeader] = Field(default_factory=list)
+    error_class: str = Field(
+        description="E.g. not_json, invalid_utf8, schema_validation, too_large, processing."
+    )
+    error_message: str
+    stage: str = Field(description="The consumer group or component that gave up on the message.")

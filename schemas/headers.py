@@ -1,0 +1,38 @@
+"""Kafka header names of the contract and the event-type registry."""
+
+from __future__ import annotations
+
+from schemas.base import EventBase
+from schemas.events import (
+    ChatRequest,
+    ChatResponse,
+    DeadLetter,
+    DocumentIngest,
+    EnrichedRequest,
+    IngestResult,
+    TokenChunk,
+)
+
+#: Names the event's model, e.g. `chat.request`; consumers may rely on the topic instead.
+EVENT_TYPE_HEADER = "ragbus-event-type"
+SCHEMA_VERSION_HEADER = "ragbus-schema-version"
+#: W3C trace context (https://www.w3.org/TR/trace-context/) travels in these headers.
+TRACEPARENT_HEADER = "traceparent"
+TRACESTATE_HEADER = "tracestate"
+
+EVENT_MODELS: dict[str, type[EventBase]] = {
+    m.event_type: m
+    for m in (
+        ChatRequest,
+        EnrichedRequest,
+        ChatResponse,
+        TokenChunk,
+        DocumentIngest,
+        IngestResult,
+        DeadLetter,
+    )
+}
+
+
+def event_model(event_type: str) -> type[EventBase] | None:
+    return EVENT_MODELS.get(event_type)

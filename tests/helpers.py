@@ -1,0 +1,67 @@
+"""Helpers shared by integration tests: read a topic to its end, wait for conditions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from aiokafka import TopicPartition
+
+from infra.kafka.clients import make_consumer
+from infra.kafka.codec import decode_record
+from infra.settings import Settings
+from schemas import EventBase
+
+E = TypeVar("E", bound=EventBase)
+
+
+async def read_topic(settings: Settings, topic: str, *, timeout: float = 10.0) -> list[Any]:
+    """Every committed record of `topic`, from the beginning to its current end."""
+    consumer = make_consumer(settings, group_id=None, fetch_max_wait_ms=100)
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            positions = [await consumer.position(tp) for tp in tps]
+            if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):
+                break
+            batch = await consumer.getmany(*tps, timeout_ms=200)
+            for recs in batch.values():
+                out.extend(recs)
+        return sorted(out, key=lambda r: (r.partition, r.offset))
+    finally:
+        await consumer.stop()
+
+
+async def read_events(settings: Settings, topic: str, model: type[E], *, timeout: float = 10.0) -> list[E]:
+    return [
+        decode_record(r, model, max_bytes=1 << 30) for r in await read_topic(settings, topic, timeout=timeout)
+    ]
+
+
+async def wait_for(
+    check: Callable[[], Awaitable[Any]],
+    *,
+    timeout: float = 60.0,
+    interval: float = 0.25,
+    what: str = "condition",
+) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")

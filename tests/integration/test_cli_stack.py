@@ -1,0 +1,117 @@
+"""`ragbus up && ragbus status` on a fresh home gives a healthy stack that Debian's kcat can read;
+failures are one clear line with the log to read."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from infra.procs import free_port
+from schemas.topics import topic_names
+from tests.conftest import CACHE
+
+RAGBUS = [sys.executable, "-m", "infra.cli.main"]
+
+
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAGBUS_")}
+    env.update(
+        RAGBUS_HOME=str(home),
+        RAGBUS_KAFKA_PORT=str(free_port()),
+        RAGBUS_KAFKA_CONTROLLER_PORT=str(free_port()),
+        RAGBUS_PG_PORT=str(free_port()),
+        RAGBUS_KAFKA_HEAP="512m",
+        COLUMNS="200",
+    )
+    env.update(extra)
+    return env
+
+
+def _ragbus(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*RAGBUS, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture
+def stack_home(tmp_path: Path):
+    home = tmp_path / "home"
+    # Reuse the resolved jars: this test is about the stack, not about Maven.
+    jars = CACHE / "kafka"
+    if jars.exists():
+        home.mkdir()
+        (home / "kafka").symlink_to(jars, target_is_directory=True)
+    env = _env(home)
+    yield home, env
+    _ragbus("down", env=env)
+
+
+def test_up_status_kcat_down(stack_home: tuple[Path, dict[str, str]]) -> None:
+    _home, env = stack_home
+    up = _ragbus("up", env=env)
+    assert up.returncode == 0, up.stderr + up.stdout
+    assert "kafka" in up.stdout and "healthy" in up.stdout and "topics: 14 created" in up.stdout
+
+    status = _ragbus("status", "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    view = json.loads(status.stdout)
+    assert [s["name"] for s in view["services"]] == ["kafka", "postgres", "milvus"]
+    assert all(s["healthy"] for s in view["services"])
+    assert {t["name"] for t in view["topics"]} == set(topic_names())
+    assert all(Path(s["log"]).exists() for s in view["services"] if s["log"])
+
+    kcat = shutil.which("kcat") or shutil.which("kafkacat")
+    assert kcat, "Debian's kcat is part of the set-up (infra/bootstrap)"
+    listing = subprocess.run(
+        [kcat, "-b", f"127.0.0.1:{env['RAGBUS_KAFKA_PORT']}", "-L"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    for name in topic_names():
+        assert f'topic "{name}"' in listing
+
+    smoke = _ragbus("smoke", env=env)
+    assert smoke.returncode == 0, smoke.stdout + smoke.stderr
+    status = json.loads(_ragbus("status", "--json", env=env).stdout)
+    assert all(t["messages"] >= 1 for t in status["topics"])
+
+    # Up again is a no-op that finds everything in place.
+    again = _ragbus("up", env=env)
+    assert again.returncode == 0 and "0 created, 14 already there" in again.stdout
+
+    down = _ragbus("down", env=env)
+    assert down.returncode == 0
+    after = _ragbus("status", "--json", env=env)
+    assert after.returncode == 1
+    assert not any(s["healthy"] for s in json.loads(after.stdout)["services"][:2])
+
+
+def test_port_taken_is_one_clear_line(stack_home: tuple[Path, dict[str, str]]) -> None:
+    _home, env = stack_home
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", int(env["RAGBUS_KAFKA_PORT"])))
+        blocker.listen()
+        out = _ragbus("up", env=env)
+    assert out.returncode == 1
+    assert f"port {env['RAGBUS_KAFKA_PORT']} on 127.0.0.1 is taken" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_missing_maven_is_one_clear_line(tmp_path: Path) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "java").symlink_to(shutil.which("java"))  # type: ignore[arg-type]
+    env = _env(tmp_path / "fresh-home", PATH=f"{bindir}")
+    out = _ragbus("up", env=env)
+    assert out.returncode == 1
+    assert "Maven (`mvn`) is not installed" in out.stderr
+    assert "Traceback" not in out.stderr
