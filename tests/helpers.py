@@ -65,3 +65,42 @@ async def wait_for(
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+def env_for(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment that makes a child process build the same Settings (RAGBUS_* variables)."""
+    import json
+    import os
+
+    from pydantic import SecretStr
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAGBUS_")}
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, dict | list):
+            value = json.dumps(value)
+        env[f"RAGBUS_{name.upper()}"] = str(value)
+    env.update(extra)
+    return env
+
+
+def spawn(args: list[str], settings: Settings, log_path: Any, **extra_env: str) -> Any:
+    """Start `ragbus <args>` as a child process (its own process group) logging to `log_path`."""
+    import subprocess
+    import sys
+
+    out = open(log_path, "ab")  # noqa: SIM115 - closed with the process by the caller's kill/wait
+    return subprocess.Popen(
+        [sys.executable, "-m", "infra.cli.main", *args],
+        env=env_for(settings, **extra_env),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
