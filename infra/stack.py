@@ -131,7 +131,7 @@ class Stack:
 def _safe(check: object) -> bool:
     try:
         return bool(check())  # type: ignore[operator]
-    except Exception:
+    except Exception:  # noqa: BLE001 - a failed check means unhealthy
         return False
 
 

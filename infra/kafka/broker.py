@@ -269,7 +269,7 @@ class LocalKafka:
             try:
                 if probe(self.bootstrap, timeout=5.0):
                     return
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - any failure is an answer here
                 last = e
             time.sleep(0.3)
         raise ServiceError(

@@ -109,7 +109,7 @@ def decode(value: bytes | None, model: type[E], *, max_bytes: int, headers: Any 
         if any(x.get("type") == "model_type" and not x.get("loc") for x in e.errors()):
             raise DecodeError("not_json", "the value is JSON but not an object") from None
         raise DecodeError("schema_validation", _summarize(e)) from None
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - the contract: only DecodeError escapes
         raise DecodeError("schema_validation", f"{type(e).__name__}: {e}") from None
     if event.schema_version > SCHEMA_VERSION:
         raise DecodeError(

@@ -52,7 +52,7 @@ async def end_offsets(settings: Settings, topics: list[str]) -> dict[TopicPartit
         tps = [TopicPartition(t, p) for t in topics for p in (consumer.partitions_for_topic(t) or ())]
         if not tps:
             for t in topics:
-                await consumer._client.force_metadata_update()
+                await consumer._client.force_metadata_update()  # noqa: SLF001 - fresh metadata for new topics
                 tps.extend(TopicPartition(t, p) for p in (consumer.partitions_for_topic(t) or ()))
         return await consumer.end_offsets(tps) if tps else {}
     finally:

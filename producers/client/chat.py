@@ -1,0 +1,214 @@
+"""The chat client: produce a ChatRequest, await its ChatResponse (and TokenChunks) by request_id."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from opentelemetry import trace
+
+from infra.kafka.clients import make_producer
+from infra.kafka.codec import encode
+from infra.settings import Settings
+from infra.telemetry import tracer
+from producers.client.conversations import Conversations
+from producers.client.errors import ChatError, ChatTimeout
+from producers.client.replies import ReplyRouter
+from schemas import (
+    ChatMessage,
+    ChatRequest,
+    ChatResponse,
+    Lane,
+    RetrievalOptions,
+    SamplingParams,
+    TokenChunk,
+    new_id,
+    utcnow,
+)
+
+
+class ChatClient:
+    """One producer and one shared reply consumer per client; safe for many concurrent asks."""
+
+    def __init__(
+        self, settings: Settings, *, lanes: Sequence[Lane] = ("chat",), remember: bool = True
+    ) -> None:
+        self.settings = settings
+        self.lanes = tuple(lanes)
+        topics = [settings.topics.responses(lane) for lane in self.lanes]
+        if "chat" in self.lanes:
+            topics.append(settings.topics.tokens)
+        self._replies = ReplyRouter(settings, topics)
+        self._producer: AIOKafkaProducer | None = None
+        self.conversations = Conversations() if remember else None
+
+    async def __aenter__(self) -> ChatClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        await self._replies.start()
+        self._producer = make_producer(self.settings, client_id="ragbus-client")
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+        await self._replies.stop()
+
+    # --- building requests ------------------------------------------------------------------
+    def request(
+        self,
+        question: str,
+        *,
+        tenant: str,
+        user: str = "anonymous",
+        conversation_id: str | None = None,
+        history: list[ChatMessage] | None = None,
+        lane: Lane = "chat",
+        timeout: float | None = 60.0,
+        stream: bool = False,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        system_prompt: str | None = None,
+        client_ip: str | None = None,
+        **extra: Any,
+    ) -> ChatRequest:
+        sampling = SamplingParams()
+        if max_tokens is not None:
+            sampling.max_tokens = max_tokens
+        if temperature is not None:
+            sampling.temperature = temperature
+        if history is None and self.conversations is not None:
+            history = self.conversations.history(conversation_id)
+        return ChatRequest(
+            request_id=new_id(),
+            tenant_id=tenant,
+            user_id=user,
+            lane=lane,
+            question=question,
+            history=history or [],
+            conversation_id=conversation_id,
+            stream=stream,
+            model=model,
+            sampling=sampling,
+            retrieval=RetrievalOptions(top_k=top_k),
+            system_prompt=system_prompt,
+            client_ip=client_ip,
+            # The pipeline answers deadline_exceeded rather than work on a question nobody awaits.
+            deadline=utcnow() + timedelta(seconds=timeout) if timeout else None,
+            **extra,
+        )
+
+    # --- asking --------------------------------------------------------------------------
+    async def send(self, request: ChatRequest) -> None:
+        """Publish `request` (the caller registers for its reply first, see `ask`)."""
+        assert self._producer is not None, "use `async with ChatClient(...)`"
+        with tracer("ragbus.client").start_as_current_span(
+            "ragbus.request",
+            kind=trace.SpanKind.PRODUCER,
+            attributes={"ragbus.request_id": request.request_id},
+        ):
+            enc = encode(request)
+            await self._producer.send_and_wait(
+                self.settings.topics.requests(request.lane), enc.value, key=enc.key, headers=enc.headers
+            )
+
+    async def ask_request(self, request: ChatRequest, *, timeout: float | None = 60.0) -> ChatResponse:
+        """Send a prepared request and wait for its final response; raises ChatTimeout / ChatError."""
+        queue = self._replies.register(request.request_id)
+        try:
+            await self.send(request)
+            response = await self._final(queue, request.request_id, timeout)
+        finally:
+            self._replies.unregister(request.request_id)
+        if response.error is not None:
+            raise ChatError(response)
+        if self.conversations is not None:
+            self.conversations.record(request.conversation_id, request.question, response.answer)
+        return response
+
+    async def ask(
+        self, question: str, *, tenant: str, timeout: float | None = 60.0, **kw: Any
+    ) -> ChatResponse:
+        """Ask one question and return the answer with its citations, usage and stage timings."""
+        return await self.ask_request(
+            self.request(question, tenant=tenant, timeout=timeout, **kw), timeout=timeout
+        )
+
+    def stream(self, question: str, *, tenant: str, timeout: float | None = 60.0, **kw: Any) -> ChatStream:
+        """`async for text in client.stream(...)`: answer tokens as they are generated;
+        `.response` holds the final ChatResponse afterwards."""
+        request = self.request(question, tenant=tenant, timeout=timeout, stream=True, **kw)
+        return ChatStream(self, request, timeout)
+
+    async def _final(
+        self, queue: asyncio.Queue[ChatResponse | TokenChunk], request_id: str, timeout: float | None
+    ) -> ChatResponse:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise ChatTimeout(request_id, timeout or 0)
+            try:
+                event = await asyncio.wait_for(queue.get(), left)
+            except TimeoutError:
+                raise ChatTimeout(request_id, timeout or 0) from None
+            if isinstance(event, ChatResponse):
+                return event
+
+    @property
+    def replies(self) -> ReplyRouter:
+        return self._replies
+
+
+class ChatStream:
+    def __init__(self, client: ChatClient, request: ChatRequest, timeout: float | None) -> None:
+        self.client = client
+        self.request = request
+        self.timeout = timeout
+        self.response: ChatResponse | None = None
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[str]:
+        request = self.request
+        queue = self.client.replies.register(request.request_id)
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        next_index = 0
+        try:
+            await self.client.send(request)
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise ChatTimeout(request.request_id, self.timeout or 0)
+                try:
+                    event = await asyncio.wait_for(queue.get(), left)
+                except TimeoutError:
+                    raise ChatTimeout(request.request_id, self.timeout or 0) from None
+                if isinstance(event, TokenChunk):
+                    if event.index >= next_index and event.text:  # tokens re-sent after a retry are skipped
+                        next_index = event.index + 1
+                        yield event.text
+                    continue
+                self.response = event
+                if event.error is not None:
+                    raise ChatError(event)
+                if next_index == 0 and event.answer:
+                    yield event.answer  # served without token events (e.g. from the response cache)
+                conv = self.client.conversations
+                if conv is not None:
+                    conv.record(request.conversation_id, request.question, event.answer)
+                return
+        finally:
+            self.client.replies.unregister(request.request_id)
