@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from infra.cli import client as client_cmds
 from infra.cli import stack as stack_cmds
 from infra.cli.common import console, print_json, settings
 
@@ -22,6 +23,8 @@ app.command("down")(stack_cmds.down)
 app.command("status")(stack_cmds.status)
 app.command("smoke")(stack_cmds.smoke)
 app.command("demo")(stack_cmds.demo)
+app.command("ask")(client_cmds.ask)
+app.add_typer(client_cmds.bulk_app, name="bulk")
 
 
 @app.command("config")

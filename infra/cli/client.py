@@ -1,0 +1,182 @@
+"""`ragbus ask` and `ragbus bulk ...`: questions over the bus from the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from infra.cli.common import console, err_console, friendly_errors, print_json, settings
+
+bulk_app = typer.Typer(
+    help="Bulk document Q&A jobs (OpenAI Batch format, or plain questions).", no_args_is_help=True
+)
+
+
+@friendly_errors
+def ask(
+    question: str = typer.Argument(..., help="The question."),
+    tenant: str = typer.Option(..., "--tenant", "-t", help="Whose documents to answer from."),
+    user: str = typer.Option("cli", "--user", "-u"),
+    model: str = typer.Option(None, "--model", help="A served model name (default: the route table)."),
+    max_tokens: int = typer.Option(None, "--max-tokens"),
+    timeout: float = typer.Option(120.0, "--timeout", help="Seconds to wait for the answer."),
+    stream: bool = typer.Option(False, "--stream", help="Print tokens as they are generated."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole ChatResponse as JSON."),
+) -> None:
+    """Ask one question over the bus; print the answer, its numbered sources and stage timings."""
+    from producers.client import ChatClient, ChatError, ChatTimeout
+
+    s = settings()
+
+    async def run():  # type: ignore[no-untyped-def]
+        async with ChatClient(s) as client:
+            kw = {"user": user, "model": model, "max_tokens": max_tokens, "timeout": timeout}
+            if stream:
+                chat = client.stream(question, tenant=tenant, **kw)
+                async for text in chat:
+                    if not as_json:
+                        console.print(text, end="", highlight=False, markup=False)
+                if not as_json:
+                    console.print()
+                return chat.response
+            return await client.ask(question, tenant=tenant, **kw)
+
+    try:
+        response = asyncio.run(run())
+    except ChatTimeout as e:
+        err_console.print(
+            f"[red]timeout:[/red] {e} (are the processors and the worker running? `ragbus status`)"
+        )
+        raise typer.Exit(3) from None
+    except ChatError as e:
+        if as_json:
+            print_json(e.response.model_dump(mode="json"))
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(4) from None
+    assert response is not None
+    if as_json:
+        print_json(response.model_dump(mode="json"))
+        return
+    if not stream:
+        console.print(response.answer, highlight=False, markup=False)
+    if response.citations:
+        console.print("\n[bold]sources[/bold]")
+        for c in response.citations:
+            where = c.title or c.source or c.doc_id
+            console.print(f"  [{c.index}] {where} (doc {c.doc_id}, score {c.score:.3f})", highlight=False)
+    t = response.timings.model_dump(exclude_none=True)
+    timing = ", ".join(f"{k.removesuffix('_ms')} {v:.0f} ms" for k, v in t.items())
+    console.print(
+        f"\n[dim]model {response.model} · "
+        f"{response.usage.prompt_tokens}+{response.usage.completion_tokens} tokens"
+        f"{' · cached' if response.cached else ''} · {timing}[/dim]"
+    )
+
+
+@bulk_app.command("submit")
+@friendly_errors
+def bulk_submit(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="OpenAI Batch JSONL, text or CSV."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output: OpenAI Batch output JSONL, appended to."),
+    tenant: str = typer.Option(..., "--tenant", "-t"),
+    user: str = typer.Option("bulk", "--user", "-u"),
+    job: str = typer.Option(None, "--job", help="Job id; the same id resumes and skips answered ids."),
+    fmt: str = typer.Option("auto", "--format", help="auto | openai | text | csv"),
+    column: str = typer.Option(None, "--column", help="CSV column holding the question."),
+    id_column: str = typer.Option(None, "--id-column", help="CSV column used as custom_id."),
+    window: int = typer.Option(256, "--window", min=1, help="Requests in flight at most."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Submit (or resume) a bulk job and write its answers as they arrive."""
+    from producers.bulk.formats import count_items, detect_format
+    from producers.bulk.runner import BulkRunner
+    from producers.bulk.state import JobState, JobStore
+
+    s = settings()
+    store = JobStore(s.home)
+    job_id = job or f"job-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    state = store.load(job_id)
+    if state is None:
+        state = JobState(
+            job_id=job_id,
+            input=str(file.resolve()),
+            output=str(out.resolve()),
+            input_format=detect_format(file) if fmt == "auto" else fmt,
+            tenant_id=tenant,
+            user_id=user,
+            total=count_items(file),
+        )
+    else:
+        if state.status == "cancelled":
+            store.clear_cancel(job_id)
+        if Path(state.output) != out.resolve():
+            err_console.print(f"[red]error:[/red] job {job_id} writes to {state.output}, not {out}")
+            raise typer.Exit(2)
+        err_console.print(f"resuming job {job_id} ({state.status}, {state.answered} answered)")
+    err_console.print(f"job [bold]{job_id}[/bold]: {state.total} questions → {state.output}")
+    runner = BulkRunner(s, state, store, window=window, progress=progress, column=column, id_column=id_column)
+    try:
+        final = asyncio.run(runner.run())
+    except KeyboardInterrupt:
+        err_console.print(
+            "interrupted; resume with: "
+            f"ragbus bulk submit {file} --out {out} --tenant {tenant} --job {job_id}"
+        )
+        raise typer.Exit(130) from None
+    err_console.print(f"job {job_id} {final.status}: {final.answered} answered, {final.errors} errors")
+    if final.status != "completed":
+        raise typer.Exit(1)
+
+
+@bulk_app.command("status")
+def bulk_status(
+    job: str = typer.Argument(None, help="Job id (default: list every job)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Progress of a job (or of all jobs)."""
+    from dataclasses import asdict
+
+    from producers.bulk.formats import answered_ids
+    from producers.bulk.state import JobStore
+
+    store = JobStore(settings().home)
+    states = [store.load(job)] if job else store.list()
+    if job and states[0] is None:
+        err_console.print(f"[red]error:[/red] no job {job}")
+        raise typer.Exit(2)
+    rows = []
+    for st in states:
+        assert st is not None
+        st.answered = len(answered_ids(Path(st.output)))
+        rows.append(st)
+    if as_json:
+        print_json([asdict(r) for r in rows])
+        return
+    table = Table(title="bulk jobs")
+    for col in ("job", "status", "answered", "total", "errors", "output"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.job_id, r.status, str(r.answered), str(r.total), str(r.errors), r.output)
+    console.print(table)
+
+
+@bulk_app.command("cancel")
+def bulk_cancel(job: str = typer.Argument(..., help="Job id.")) -> None:
+    """Stop a running job from sending more questions (answers so far stay in its output)."""
+    from producers.bulk.state import JobStore
+
+    store = JobStore(settings().home)
+    state = store.load(job)
+    if state is None:
+        err_console.print(f"[red]error:[/red] no job {job}")
+        raise typer.Exit(2)
+    store.request_cancel(job)
+    if state.status != "running":
+        state.status = "cancelled"
+        store.save(state)
+    console.print(f"job {job}: cancel requested")

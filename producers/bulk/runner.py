@@ -1,0 +1,233 @@
+"""Runs one bulk job: streams the input, keeps a bounded window of requests in flight on the bulk
+lane, and writes each answer as it arrives (completion order), one line per custom_id.
+
+Resumable: answers already in the output file are skipped; requests that were sent before an
+interruption are not sent again — their answers are read from the responses topic, starting at
+the offsets recorded when the job first started. Request ids are derived from (job, custom_id),
+so even a request sent twice is the same request to the pipeline, and the output keeps one line
+per custom_id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any, TextIO
+
+from aiokafka import TopicPartition
+from tqdm import tqdm
+
+from infra.kafka.clients import make_consumer, make_producer
+from infra.kafka.codec import DecodeError, decode_record, encode
+from infra.settings import Settings
+from producers.bulk.formats import BadLine, BulkItem, answered_ids, output_line, read_items
+from producers.bulk.state import JobState, JobStore
+from schemas import ChatRequest, ChatResponse, SamplingParams
+
+log = logging.getLogger(__name__)
+
+_NS = uuid.UUID("5d1f6c2e-8a57-4c1e-9a53-6f0c1f9b2a10")
+
+
+def request_id_for(job_id: str, custom_id: str) -> str:
+    return str(uuid.uuid5(_NS, f"{job_id}\x00{custom_id}"))
+
+
+class BulkRunner:
+    def __init__(
+        self,
+        settings: Settings,
+        state: JobState,
+        store: JobStore,
+        *,
+        window: int = 256,
+        progress: bool = True,
+        column: str | None = None,
+        id_column: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.state = state
+        self.store = store
+        self.window = window
+        self.progress = progress
+        self.column = column
+        self.id_column = id_column
+        self.topic = settings.topics.responses("bulk")
+        self._inflight: set[str] = set()
+        self._done: set[str] = set()
+        self._slots = asyncio.Condition()
+        self._out: TextIO | None = None
+        self._bar: tqdm | None = None  # type: ignore[type-arg]
+
+    async def run(self) -> JobState:
+        state, store = self.state, self.store
+        output = Path(state.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        self._done = answered_ids(output)
+        self._inflight = store.sent_ids(state.job_id) - self._done
+        producer = make_producer(self.settings, client_id=f"ragbus-bulk-{state.job_id}")
+        consumer = make_consumer(self.settings, group_id=None, client_id=f"ragbus-bulk-{state.job_id}")
+        await producer.start()
+        await consumer.start()
+        state.status, state.pid = "running", os.getpid()
+        # Appending a line per answer is a page-cache write; the one fsync runs in a thread.
+        self._out = output.open("a", encoding="utf-8")  # noqa: ASYNC230
+        self._bar = tqdm(
+            total=state.total or None,
+            initial=len(self._done),
+            unit="q",
+            desc=state.job_id,
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
+        reader: asyncio.Task[None] | None = None
+        try:
+            await self._position(consumer)
+            store.save(state)
+            reader = asyncio.create_task(self._read(consumer), name="bulk-reader")
+            sent_log = store.sent_log(state.job_id)
+            try:
+                cancelled = await self._send_all(producer, sent_log)
+            finally:
+                sent_log.close()
+            if cancelled:
+                state.status = "cancelled"
+            else:
+                await self._drain(reader)
+                state.status = "cancelled" if store.cancel_requested(state.job_id) else "completed"
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            state.status = "interrupted"
+            raise
+        except Exception:
+            state.status = "failed"
+            raise
+        finally:
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader
+            self._out.close()
+            self._bar.close()
+            state.answered = len(self._done)
+            state.pid = None
+            store.save(state)
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+        return state
+
+    async def _position(self, consumer: Any) -> None:
+        parts = consumer.partitions_for_topic(self.topic)
+        if not parts:
+            await consumer._client.force_metadata_update()  # noqa: SLF001 - the topic may be new
+            parts = consumer.partitions_for_topic(self.topic) or set()
+        tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+        if not tps:
+            raise RuntimeError(f"topic {self.topic} does not exist (run `ragbus up`)")
+        consumer.assign(tps)
+        if not self.state.start_offsets:
+            ends = await consumer.end_offsets(tps)
+            self.state.start_offsets = {str(tp.partition): off for tp, off in ends.items()}
+        for tp in tps:
+            consumer.seek(tp, self.state.start_offsets.get(str(tp.partition), 0))
+
+    async def _send_all(self, producer: Any, sent_log: TextIO) -> bool:
+        """Send every unanswered item; True when the job was cancelled."""
+        state = self.state
+        pending: list[asyncio.Future[Any]] = []
+        items = read_items(
+            Path(state.input), state.input_format, column=self.column, id_column=self.id_column
+        )  # type: ignore[arg-type]
+        for n, item in enumerate(items):
+            if n % 64 == 0 and self.store.cancel_requested(state.job_id):
+                await asyncio.gather(*pending)
+                return True
+            cid = item.custom_id
+            if cid in self._done or cid in self._inflight:
+                continue
+            if isinstance(item, BadLine):
+                self._write(cid, None, ("invalid_request", str(item)))
+                continue
+            async with self._slots:
+                await self._slots.wait_for(lambda: len(self._inflight) < self.window)
+            self._inflight.add(cid)
+            enc = encode(self._request(item))
+            fut = await producer.send(
+                self.settings.topics.requests("bulk"), enc.value, key=enc.key, headers=enc.headers
+            )
+            fut.add_done_callback(lambda f, cid=cid: f.exception() is None and sent_log.write(cid + "\n"))
+            pending.append(fut)
+            if len(pending) >= 256:
+                await asyncio.gather(*pending)
+                sent_log.flush()
+                pending.clear()
+        await asyncio.gather(*pending)
+        sent_log.flush()
+        return False
+
+    def _request(self, item: BulkItem) -> ChatRequest:
+        sampling = SamplingParams()
+        if item.max_tokens:
+            sampling.max_tokens = int(item.max_tokens)
+        if item.temperature is not None:
+            sampling.temperature = float(item.temperature)
+        return ChatRequest(
+            request_id=request_id_for(self.state.job_id, item.custom_id),
+            tenant_id=self.state.tenant_id,
+            user_id=self.state.user_id,
+            lane="bulk",
+            question=item.question,
+            history=item.history,
+            system_prompt=item.system_prompt,
+            model=item.model if item.model not in (None, "ragbus") else None,
+            sampling=sampling,
+            job_id=self.state.job_id,
+            custom_id=item.custom_id,
+        )
+
+    async def _read(self, consumer: Any) -> None:
+        job_id = self.state.job_id
+        while True:
+            batches = await consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                for record in records:
+                    try:
+                        resp = decode_record(record, ChatResponse, max_bytes=1 << 26)
+                    except DecodeError:
+                        continue
+                    if resp.job_id != job_id or resp.custom_id is None or resp.custom_id in self._done:
+                        continue
+                    self._write(resp.custom_id, resp)
+            self._out.flush()  # type: ignore[union-attr]
+
+    def _write(
+        self, custom_id: str, response: ChatResponse | None, error: tuple[str, str] | None = None
+    ) -> None:
+        assert self._out is not None and self._bar is not None
+        self._out.write(output_line(custom_id, response, error) + "\n")
+        self._done.add(custom_id)
+        if error is not None or (response is not None and response.error is not None):
+            self.state.errors += 1
+        self._bar.update(1)
+        if custom_id in self._inflight:
+            self._inflight.discard(custom_id)
+            asyncio.get_running_loop().create_task(self._release())
+
+    async def _release(self) -> None:
+        async with self._slots:
+            self._slots.notify_all()
+
+    async def _drain(self, reader: asyncio.Task[None]) -> None:
+        while self._inflight:
+            if reader.done():
+                reader.result()  # surface the reader's failure
+            if self.store.cancel_requested(self.state.job_id):
+                return
+            await asyncio.sleep(0.2)
+        self._out.flush()  # type: ignore[union-attr]
+        await asyncio.to_thread(os.fsync, self._out.fileno())  # type: ignore[union-attr]
