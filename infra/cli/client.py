@@ -180,3 +180,23 @@ def bulk_cancel(job: str = typer.Argument(..., help="Job id.")) -> None:
         state.status = "cancelled"
         store.save(state)
     console.print(f"job {job}: cancel requested")
+
+
+@friendly_errors
+def gateway(
+    host: str = typer.Option(None, "--host", help="Default: RAGBUS_GATEWAY_HOST (127.0.0.1)."),
+    port: int = typer.Option(None, "--port", help="Default: RAGBUS_GATEWAY_PORT (8000)."),
+    keys: Path = typer.Option(
+        None, "--keys", exists=True, dir_okay=False, help="API keys file (TOML or JSON)."
+    ),
+) -> None:
+    """Serve the OpenAI-compatible HTTP API: /v1/chat/completions, /v1/models, /healthz, /metrics."""
+    import uvicorn
+
+    from producers.gateway.app import create_app
+
+    s = settings()
+    if keys is not None:
+        s = s.model_copy(update={"gateway_keys_file": keys})
+    app = create_app(s)
+    uvicorn.run(app, host=host or s.gateway_host, port=port or s.gateway_port, log_level=s.log_level.lower())

@@ -25,6 +25,7 @@ app.command("smoke")(stack_cmds.smoke)
 app.command("demo")(stack_cmds.demo)
 app.command("ask")(client_cmds.ask)
 app.add_typer(client_cmds.bulk_app, name="bulk")
+app.command("gateway")(client_cmds.gateway)
 
 
 @app.command("config")

@@ -151,6 +151,11 @@ class ChatClient:
         request = self.request(question, tenant=tenant, timeout=timeout, stream=True, **kw)
         return ChatStream(self, request, timeout)
 
+    def stream_request(self, request: ChatRequest, *, timeout: float | None = 60.0) -> ChatStream:
+        """Stream the answer to a prepared request (its `stream` flag is set here)."""
+        request.stream = True
+        return ChatStream(self, request, timeout)
+
     async def _final(
         self, queue: asyncio.Queue[ChatResponse | TokenChunk], request_id: str, timeout: float | None
     ) -> ChatResponse:

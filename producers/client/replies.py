@@ -72,6 +72,10 @@ class ReplyRouter:
         self._waiters.pop(request_id, None)
 
     @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    @property
     def waiting(self) -> int:
         return len(self._waiters)
 

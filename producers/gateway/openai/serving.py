@@ -1,0 +1,180 @@
+"""Serving side of /v1/chat/completions: OpenAI request → ChatRequest over the bus → OpenAI answer."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from producers.bulk.formats import split_messages
+from producers.client import ChatClient, ChatError, ChatTimeout
+from producers.gateway import metrics
+from producers.gateway.auth import Principal
+from producers.gateway.openai.protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ModelCard,
+    ModelList,
+    ResponseMessage,
+    Usage,
+    error_body,
+)
+from schemas import ChatRequest, ChatResponse, ErrorCode
+
+#: How pipeline error codes surface over HTTP: (status, OpenAI error type).
+_HTTP = {
+    ErrorCode.INVALID_REQUEST: (400, "invalid_request_error"),
+    ErrorCode.CONTEXT_OVERFLOW: (400, "invalid_request_error"),
+    ErrorCode.UNKNOWN_MODEL: (404, "invalid_request_error"),
+    ErrorCode.UNAUTHORIZED: (401, "authentication_error"),
+    ErrorCode.DEADLINE_EXCEEDED: (504, "timeout"),
+    ErrorCode.CANCELLED: (499, "cancelled"),
+}
+
+
+def openai_error(status: int, message: str, type_: str, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, code), status_code=status)
+
+
+class OpenAIServing:
+    def __init__(self, client: ChatClient, *, timeout: float, models: Callable[[], list[str]]) -> None:
+        self.client = client
+        self.timeout = timeout
+        self.models = models
+
+    def list_models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=name) for name in ["ragbus", *self.models()]])
+
+    def to_request(self, body: ChatCompletionRequest, who: Principal, client_ip: str | None) -> ChatRequest:
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        system, history, question = split_messages(messages)
+        stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        request = self.client.request(
+            question,
+            tenant=who.tenant_id,
+            user=who.user_id,
+            history=history,
+            system_prompt=system,
+            model=None if body.model in ("", "ragbus") else body.model,
+            max_tokens=body.max_completion_tokens or body.max_tokens,
+            temperature=body.temperature,
+            stream=body.stream,
+            timeout=self.timeout,
+            client_ip=client_ip,
+            metadata={"api": "openai", **({"openai_user": body.user} if body.user else {})},
+        )
+        if body.top_p is not None:
+            request.sampling.top_p = body.top_p
+        request.sampling.seed = body.seed
+        request.sampling.stop = stop
+        return request
+
+    async def create(self, body: ChatCompletionRequest, request: ChatRequest) -> Any:
+        started = time.monotonic()
+        kind = "true" if body.stream else "false"
+        if body.stream:
+            return StreamingResponse(
+                self._sse(body, request, started),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Request-Id": request.request_id},
+            )
+        metrics.INFLIGHT.inc()
+        try:
+            response = await self.client.ask_request(request, timeout=self.timeout)
+        except ChatTimeout as e:
+            metrics.REQUESTS.labels("timeout", kind).inc()
+            return openai_error(504, str(e), "timeout", "timeout")
+        except ChatError as e:
+            return self._failed(e.response, kind)
+        finally:
+            metrics.INFLIGHT.dec()
+        metrics.REQUESTS.labels("ok", kind).inc()
+        metrics.LATENCY.labels(kind).observe(time.monotonic() - started)
+        self._count_tokens(response)
+        return JSONResponse(
+            self._completion(response).model_dump(), headers={"X-Request-Id": request.request_id}
+        )
+
+    def _failed(self, response: ChatResponse, kind: str) -> JSONResponse:
+        assert response.error is not None
+        status, type_ = _HTTP.get(response.error.code, (500, "server_error"))
+        metrics.REQUESTS.labels(response.error.code.value, kind).inc()
+        code = (
+            "model_not_found" if response.error.code == ErrorCode.UNKNOWN_MODEL else response.error.code.value
+        )
+        return openai_error(status, response.error.message, type_, code)
+
+    @staticmethod
+    def _count_tokens(response: ChatResponse) -> None:
+        metrics.TOKENS.labels("prompt").inc(response.usage.prompt_tokens)
+        metrics.TOKENS.labels("completion").inc(response.usage.completion_tokens)
+
+    @staticmethod
+    def _usage(response: ChatResponse) -> Usage:
+        u = response.usage
+        return Usage(
+            prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens
+        )
+
+    def _completion(self, response: ChatResponse) -> ChatCompletion:
+        return ChatCompletion(
+            id=f"chatcmpl-{response.request_id}",
+            created=int(response.created_at.timestamp()),
+            model=response.model or "ragbus",
+            choices=[
+                Choice(
+                    message=ResponseMessage(content=response.answer),
+                    finish_reason=response.finish_reason or "stop",
+                )
+            ],
+            usage=self._usage(response),
+            citations=[c.model_dump(mode="json") for c in response.citations],
+            ragbus={
+                "request_id": response.request_id,
+                "cached": response.cached,
+                "timings": response.timings.model_dump(exclude_none=True),
+            },
+        )
+
+    async def _sse(
+        self, body: ChatCompletionRequest, request: ChatRequest, started: float
+    ) -> AsyncIterator[str]:
+        cid, created = f"chatcmpl-{request.request_id}", int(time.time())
+        model = body.model or "ragbus"
+
+        def chunk(delta: Delta, finish: str | None = None, usage: Usage | None = None) -> str:
+            choices = [] if usage is not None else [ChunkChoice(delta=delta, finish_reason=finish)]
+            c = ChatCompletionChunk(id=cid, created=created, model=model, choices=choices, usage=usage)
+            return f"data: {c.model_dump_json(exclude_none=usage is None)}\n\n"
+
+        metrics.INFLIGHT.inc()
+        stream = self.client.stream_request(request, timeout=self.timeout)
+        try:
+            yield chunk(Delta(role="assistant", content=""))
+            async for text in stream:
+                yield chunk(Delta(content=text))
+            final = stream.response
+            assert final is not None
+            model = final.model or model
+            yield chunk(Delta(), finish=final.finish_reason or "stop")
+            if body.stream_options is not None and body.stream_options.include_usage:
+                yield chunk(Delta(), usage=self._usage(final))
+            metrics.REQUESTS.labels("ok", "true").inc()
+            metrics.LATENCY.labels("true").observe(time.monotonic() - started)
+            self._count_tokens(final)
+        except ChatTimeout as e:
+            metrics.REQUESTS.labels("timeout", "true").inc()
+            yield f"data: {json.dumps(error_body(str(e), 'timeout', 'timeout'))}\n\n"
+        except ChatError as e:
+            metrics.REQUESTS.labels(e.code.value, "true").inc()
+            yield f"data: {json.dumps(error_body(str(e), 'server_error', e.code.value))}\n\n"
+        finally:
+            metrics.INFLIGHT.dec()
+        yield "data: [DONE]\n\n"
