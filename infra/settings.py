@@ -132,6 +132,17 @@ class Settings(BaseSettings):
     otel_file: Path | None = Field(default=None, description="With otel_exporter=file: JSON lines of spans.")
     otel_service_name: str = "ragbus"
 
+    # --- gateway (OpenAI-compatible HTTP) ----------------------------------------------------
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(default=8000, ge=0, le=65535)
+    gateway_keys_file: Path | None = Field(
+        default=None, description="TOML/JSON file mapping API keys to tenant and user; unset: every call is 401."
+    )
+    gateway_timeout_s: float = Field(default=120.0, gt=0)
+    gateway_trust_forwarded_for: bool = Field(
+        default=False, description="Take the client IP from X-Forwarded-For (behind a trusted proxy only)."
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -10,7 +10,8 @@ def test_keys_from_toml_and_json(tmp_path: Path) -> None:
     toml = tmp_path / "keys.toml"
     digest = hashlib.sha256(b"sk-hashed").hexdigest()
     toml.write_text(
-        f'[[keys]]\nkey = "sk-acme"\ntenant = "acme"\nuser = "alice"\n\n[[keys]]\nsha256 = "{digest}"\ntenant = "beta"\n'
+        '[[keys]]\nkey = "sk-acme"\ntenant = "acme"\nuser = "alice"\n\n'
+        f'[[keys]]\nsha256 = "{digest}"\ntenant = "beta"\n'
     )
     keys = ApiKeys.load(toml)
     assert keys.resolve("sk-acme") == Principal("acme", "alice")
