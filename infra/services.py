@@ -1,0 +1,108 @@
+"""ragbus components (processors, worker, audit sink, gateway) run as background processes of the
+local deployment: `ragbus start` / `ragbus stop`, shown by `ragbus status`.
+
+Each runs its own `ragbus <command>` in a new session, with a pid file under `<home>/run/` and a log
+under `<home>/logs/`, so it survives the terminal that started it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from infra.procs import ServiceError, pid_alive, read_pid, tail, terminate
+from infra.settings import Settings
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    args: tuple[str, ...]
+    description: str
+
+
+#: The pipeline's long-running parts, in start order (consumers of a stage before its producers).
+COMPONENTS: tuple[Component, ...] = (
+    Component("sink", ("sink", "run"), "audit sink: every ragbus topic into Postgres"),
+    Component("worker", ("worker", "run"), "inference worker: enriched requests → answers"),
+    Component("processors", ("processors", "run"), "ingestion and retrieval processors"),
+    Component("gateway", ("gateway",), "OpenAI-compatible HTTP gateway"),
+)
+BY_NAME = {c.name: c for c in COMPONENTS}
+
+
+class Background:
+    def __init__(self, settings: Settings, component: Component) -> None:
+        self.settings = settings
+        self.component = component
+        self.pid_path = settings.home / "run" / f"{component.name}.pid"
+        self.log_path = settings.home / "logs" / f"{component.name}.log"
+
+    @property
+    def pid(self) -> int | None:
+        pid = read_pid(self.pid_path)
+        return pid if pid_alive(pid) else None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+    def start(self, *extra: str, env: dict[str, str] | None = None, settle: float = 3.0) -> int:
+        if (pid := self.pid) is not None:
+            return pid
+        self.pid_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        child_env = dict(os.environ if env is None else env)
+        child_env.setdefault("HF_HUB_OFFLINE", "1")
+        child_env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        child_env.setdefault("PYTHONUNBUFFERED", "1")
+        with open(self.log_path, "ab") as out:
+            out.write(f"\n--- ragbus: starting {self.component.name} at {time.ctime()} ---\n".encode())
+            out.flush()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "infra.cli.main", *self.component.args, *extra],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=child_env,
+                start_new_session=True,
+            )
+        self.pid_path.write_text(f"{proc.pid}\n")
+        deadline = time.monotonic() + settle
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self.pid_path.unlink(missing_ok=True)
+                raise ServiceError(
+                    f"{self.component.name} exited at start-up:\n{tail(self.log_path, 12)}", self.log_path
+                )
+            time.sleep(0.1)
+        return proc.pid
+
+    def stop(self, timeout: float = 30.0) -> None:
+        pid = self.pid
+        if pid is not None:
+            # The whole session: a component's own child processes (e.g. an engine) go too.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+            if terminate(pid, timeout):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+        self.pid_path.unlink(missing_ok=True)
+
+
+def backgrounds(settings: Settings, names: list[str] | None = None) -> list[Background]:
+    wanted = names or [c.name for c in COMPONENTS]
+    unknown = [n for n in wanted if n not in BY_NAME]
+    if unknown:
+        raise ServiceError(f"unknown component(s) {', '.join(unknown)}; known: {', '.join(BY_NAME)}")
+    return [Background(settings, BY_NAME[n]) for n in wanted]
+
+
+def log_of(settings: Settings, name: str) -> Path:
+    return settings.home / "logs" / f"{name}.log"
