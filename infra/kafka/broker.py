@@ -209,7 +209,7 @@ class LocalKafka:
         self._write_config()
         if not self.formatted:
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            args = ["format", "-t", cluster_id, "-c", str(self.config_path)]
+            args = ["format", f"--cluster-id={cluster_id}", "-c", str(self.config_path)]
             for user in self.sasl_ssl.users if self.sasl_ssl else []:
                 args += ["--add-scram", f"{user.mechanism}=[name={user.name},password={user.password}]"]
             out = subprocess.run(

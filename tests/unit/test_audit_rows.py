@@ -1,0 +1,214 @@
+"""Record → audit row mapping: actions, lifted columns, undecodable bytes, determinism."""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+
+from infra.kafka.codec import encode
+from infra.postgres.migrations import MIGRATIONS_DIR
+from infra.smoke import sample_event
+from schemas import (
+    ChatRequest,
+    ChatResponse,
+    EnrichedRequest,
+    ErrorCode,
+    ErrorInfo,
+    IngestResult,
+    Usage,
+)
+from schemas.topics import TOPICS
+from sinks.audit.rows import ACTIONS, COL, COLUMNS, RowMapper, record_time, trace_id_of, unstorable
+from sinks.audit.writer import CREATE_STAGE, refused
+
+PREFIX = "ragbus"
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+@dataclass
+class Rec:
+    topic: str
+    value: bytes | None
+    partition: int = 0
+    offset: int = 7
+    timestamp: int = 1_764_180_000_123
+    key: bytes | None = None
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+def rec(topic: str, event: Any, **kw: Any) -> Rec:
+    enc = encode(event)
+    return Rec(f"{PREFIX}.{topic}", enc.value, key=enc.key, headers=enc.headers, **kw)
+
+
+def col(row: tuple[Any, ...], name: str) -> Any:
+    return row[COL[name]]
+
+
+EXPECTED_ACTION = {
+    "chat.request": "QUERY",
+    "chat.enriched": "RETRIEVAL",
+    "chat.response": "RESPONSE",
+    "chat.token": "TOKEN",
+    "docs.ingest": "INGEST",
+    "docs.ingested": "INGEST",
+    "dead_letter": "ERROR",
+}
+
+
+@pytest.mark.parametrize("spec", TOPICS, ids=lambda s: s.suffix)
+def test_every_declared_topic_maps_to_its_action(spec: Any) -> None:
+    event = sample_event(spec.event, "r-1")
+    row = RowMapper(PREFIX).row(rec(spec.suffix, event))
+    assert col(row, "action_type") == EXPECTED_ACTION[spec.event.event_type]
+    assert col(row, "event_type") == spec.event.event_type
+    assert col(row, "request_id") == "r-1"
+    assert col(row, "tenant_id") == "smoke" and col(row, "user_id") == "ragbus-smoke"
+    assert col(row, "event_id") == event.event_id
+    assert col(row, "error") is None and col(row, "key_id") is None
+    # The payload is the event's JSON exactly as it travelled.
+    assert orjson.loads(col(row, "request_payload")) == orjson.loads(encode(event).value)
+
+
+def test_errors_are_error_rows() -> None:
+    mapper = RowMapper(PREFIX)
+    failed = ChatResponse(
+        tenant_id="acme", finish_reason="error", error=ErrorInfo(code=ErrorCode.ENGINE_ERROR, message="x")
+    )
+    assert col(mapper.row(rec("chat.responses", failed)), "action_type") == "ERROR"
+    bad_doc = IngestResult(tenant_id="acme", doc_id="d", op="upsert", status="error")
+    assert col(mapper.row(rec("docs.ingested", bad_doc)), "action_type") == "ERROR"
+
+
+def test_usage_model_ip_and_trace_are_lifted() -> None:
+    mapper = RowMapper(PREFIX)
+    resp = ChatResponse(tenant_id="acme", model="smol", usage=Usage(prompt_tokens=120, completion_tokens=30))
+    row = mapper.row(rec("chat.responses", resp))
+    assert (col(row, "prompt_tokens"), col(row, "completion_tokens"), col(row, "model")) == (120, 30, "smol")
+
+    req = ChatRequest(question="q", tenant_id="acme", client_ip="192.0.2.7", model="smol")
+    headers = [("traceparent", f"00-{TRACE}-00f067aa0ba902b7-01".encode())]
+    enc = encode(req)
+    row = mapper.row(Rec(f"{PREFIX}.chat.requests", enc.value, headers=headers))
+    assert str(col(row, "ip_address")) == "192.0.2.7" and col(row, "trace_id") == TRACE
+    enriched = EnrichedRequest(request=req, **req.envelope())
+    row = mapper.row(rec("chat.enriched", enriched))
+    assert str(col(row, "ip_address")) == "192.0.2.7" and col(row, "model") == "smol"
+
+
+def test_the_codec_header_carries_a_trace_id_when_a_span_is_current() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    tracer = TracerProvider().get_tracer("t")
+    with tracer.start_as_current_span("produce") as span:
+        enc = encode(ChatRequest(question="q", tenant_id="acme"))
+    row = RowMapper(PREFIX).row(Rec(f"{PREFIX}.chat.requests", enc.value, headers=enc.headers))
+    assert col(row, "trace_id") == f"{span.get_span_context().trace_id:032x}"
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b"\xff\xfe{", "invalid_utf8"),
+        (b"this is not json {", "not_json"),
+        (b"[1, 2, 3]", "not_json"),
+        (b"", "empty"),
+        (None, "empty"),
+        (b'{"question": "\\ud800"}', "not_json"),  # a lone surrogate: jsonb refuses it
+        (b'{"x": NaN}', "not_json"),
+    ],
+)
+def test_undecodable_bytes_still_get_a_row(value: bytes | None, reason: str) -> None:
+    r = Rec(f"{PREFIX}.chat.requests", value, key=b"k1", headers=[("h", b"\x00\x01")])
+    row = RowMapper(PREFIX).row(r)
+    assert col(row, "action_type") == "ERROR" and col(row, "error").startswith(reason)
+    assert col(row, "event_type") == "chat.request"
+    payload = orjson.loads(col(row, "request_payload"))
+    assert (base64.b64decode(payload["raw_b64"]) if payload["raw_b64"] else value or None) == (value or None)
+    assert base64.b64decode(payload["key_b64"]) == b"k1"
+    assert payload["headers"] == [["h", base64.b64encode(b"\x00\x01").decode()]]
+
+
+def test_nul_characters_are_replaced_not_lost() -> None:
+    value = b'{"tenant_id": "a\\u0000b", "request_id": "r", "question": "x\\u0000y"}'
+    row = RowMapper(PREFIX).row(Rec(f"{PREFIX}.chat.requests", value))
+    assert col(row, "tenant_id") == "a\ufffdb" and col(row, "error").startswith("nul_replaced")
+    assert "\\u0000" not in col(row, "request_payload")
+    assert orjson.loads(col(row, "request_payload"))["question"] == "x\ufffdy"
+
+
+def test_topics_outside_the_contract_use_the_event_type_header() -> None:
+    mapper = RowMapper(PREFIX)
+    named = Rec(
+        f"{PREFIX}.models.updates", b'{"model": "m2"}', headers=[("ragbus-event-type", b"model.update")]
+    )
+    assert col(mapper.row(named), "action_type") == "MODEL_UPDATE"
+    assert col(mapper.row(Rec(f"{PREFIX}.something.new", b"{}")), "action_type") == "OTHER"
+    assert col(mapper.row(Rec(f"{PREFIX}.something.new.dlq", b"{}")), "action_type") == "ERROR"
+
+
+def test_created_at_is_the_record_timestamp_and_deterministic() -> None:
+    assert record_time(1_764_180_000_123) == datetime(2025, 11, 26, 18, 0, 0, 123000, tzinfo=UTC)
+    assert record_time(None) == record_time(-1) == record_time(2**62) == datetime(1970, 1, 1, tzinfo=UTC)
+    r = rec("chat.requests", ChatRequest(question="q", tenant_id="acme"))
+    assert RowMapper(PREFIX).row(r) == RowMapper(PREFIX).row(r)
+
+
+def test_trace_ids() -> None:
+    assert trace_id_of(f"00-{TRACE}-00f067aa0ba902b7-01".encode()) == TRACE
+    assert trace_id_of(b"00-" + b"0" * 32 + b"-00f067aa0ba902b7-01") is None
+    assert trace_id_of(b"garbage") is None and trace_id_of(None) is None
+
+
+def test_long_ids_are_cut_to_fit_an_index() -> None:
+    value = orjson.dumps({"user_id": "u" * 10_000, "tenant_id": "t"})
+    assert len(col(RowMapper(PREFIX).row(Rec(f"{PREFIX}.x", value)), "user_id")) == 512
+
+
+def test_action_list_matches_the_migration_check() -> None:
+    sql = (MIGRATIONS_DIR / "0005_audit_log.sql").read_text()
+    check = re.search(r"action_type IN \((.*?)\)\)", sql, re.S)
+    assert check is not None
+    assert tuple(re.findall(r"'([A-Z_]+)'", check.group(1))) == ACTIONS
+
+
+def test_staging_table_has_the_row_columns_in_order() -> None:
+    assert re.findall(r'"(\w+)" \w+', CREATE_STAGE) == list(COLUMNS)
+
+
+def test_unstorable_keeps_the_coordinates_and_the_content() -> None:
+    row = RowMapper(PREFIX).row(rec("chat.requests", ChatRequest(question="q", tenant_id="acme")))
+    stand_in = unstorable(row, "invalid input syntax")
+    for name in ("created_at", "topic", "partition", "offset"):
+        assert col(stand_in, name) == col(row, name)
+    assert col(stand_in, "action_type") == "ERROR" and "invalid input syntax" in col(stand_in, "error")
+    blob = orjson.loads(base64.b64decode(orjson.loads(col(stand_in, "request_payload"))["unstorable_b64"]))
+    assert blob["payload"] == col(row, "request_payload") and blob["columns"]["tenant_id"] == "acme"
+
+
+def test_refused_means_the_data_not_the_connection() -> None:
+    import asyncpg
+
+    assert refused(asyncpg.exceptions.UntranslatableCharacterError("x"))
+    assert refused(asyncpg.exceptions.ProgramLimitExceededError("x"))
+    assert refused(ValueError("cannot encode"))
+    assert not refused(asyncpg.exceptions.AdminShutdownError("x"))
+    assert not refused(ConnectionRefusedError())
+    assert not refused(asyncpg.exceptions.UndefinedTableError("x"))
+
+
+def test_a_record_that_breaks_the_mapping_still_gets_a_row() -> None:
+    class Broken(RowMapper):
+        def row(self, record: Any) -> tuple[Any, ...]:
+            raise RuntimeError("a bug in the mapping")
+
+    (row,) = Broken(PREFIX).rows([Rec(f"{PREFIX}.chat.requests", b'{"tenant_id": "acme"}')])
+    assert col(row, "action_type") == "ERROR" and "unmappable: RuntimeError" in col(row, "error")
+    assert col(row, "offset") == 7
+    assert base64.b64decode(orjson.loads(col(row, "request_payload"))["raw_b64"]) == b'{"tenant_id": "acme"}'
