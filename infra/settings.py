@@ -95,7 +95,8 @@ class Settings(BaseSettings):
 
     # --- Milvus ----------------------------------------------------------------------------
     milvus_uri: str = Field(
-        default="", description="A local path (Milvus Lite) or http(s)://host:19530; empty: <home>/milvus.db."
+        default="",
+        description="A local path (Milvus Lite) or http(s)://host:19530; empty: <home>/milvus/ragbus.db.",
     )
     milvus_token: SecretStr | None = None
     milvus_collection: str = Field(default="ragbus_chunks", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -109,6 +110,9 @@ class Settings(BaseSettings):
     retrieval_hybrid: bool = False
     chunk_tokens: int = Field(default=200, ge=16)
     chunk_overlap_tokens: int = Field(default=40, ge=0)
+    ingest_batch_size: int = Field(default=8, ge=1, description="Documents per ingestion micro-batch.")
+    ingest_max_wait_ms: float = Field(default=50.0, ge=0)
+    milvus_search_ef: int = Field(default=64, ge=1, description="HNSW ef at search time (at least top_k).")
 
     # --- inference ---------------------------------------------------------------------------
     llm_backend: Literal["auto", "llamacpp", "vllm"] = "auto"
@@ -118,9 +122,23 @@ class Settings(BaseSettings):
     llm_context_window: int | None = Field(default=None, ge=256, description="Default: the model's own.")
     response_cache_size: int = Field(default=1024, ge=0)
     redis_url: SecretStr | None = None
+    response_cache_ttl_s: int = Field(default=3600, ge=1, description="Lifetime of answers cached in Redis.")
+    llm_models: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description='Served models, e.g. [{"name": "smollm2", "backend": "llamacpp", "model": '
+        '"packaged:smollm2"}]; empty: the packaged SmolLM2 on the CPU backend that runs here.',
+    )
+    llm_routes: dict[str, float] = Field(
+        default_factory=dict, description='Weights for requests naming no model, e.g. {"a": 90, "b": 10}.'
+    )
+    llm_models_file: Path | None = Field(
+        default=None,
+        description="TOML/JSON with `models` and `routes` (default <home>/models.toml if present); "
+        "a running worker reloads it on change or `ragbus models reload`.",
+    )
 
     # --- audit -------------------------------------------------------------------------------
-    audit_batch_size: int = Field(default=2000, ge=1)
+    audit_batch_size: int = Field(default=5000, ge=1, description="Records per Postgres transaction.")
     audit_encryption_keys: SecretStr | None = Field(
         default=None, description="Comma-separated key_id:base64key pairs; the first encrypts."
     )
@@ -136,7 +154,7 @@ class Settings(BaseSettings):
     gateway_host: str = "127.0.0.1"
     gateway_port: int = Field(default=8000, ge=0, le=65535)
     gateway_keys_file: Path | None = Field(
-        default=None, description="TOML/JSON file mapping API keys to tenant and user; unset: every call is 401."
+        default=None, description="TOML/JSON file mapping API keys to tenant and user; unset: all get 401."
     )
     gateway_timeout_s: float = Field(default=120.0, gt=0)
     gateway_trust_forwarded_for: bool = Field(

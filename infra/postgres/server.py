@@ -214,7 +214,12 @@ class LocalPostgres:
         if not self.log_path.exists():
             self.log_path.touch()
             self._own(self.log_path)
-        opts = f"-h {self.host} -p {self.port} -k {self.socket_dir}"
+        # Durability stays as shipped (fsync, synchronous_commit on); more memory for WAL and
+        # buffers suits the audit sink's bulk inserts.
+        opts = (
+            f"-h {self.host} -p {self.port} -k {self.socket_dir} "
+            "-c shared_buffers=256MB -c wal_buffers=16MB -c max_wal_size=2GB -c checkpoint_timeout=15min"
+        )
         out = self._run(
             [
                 self._bin("pg_ctl"),

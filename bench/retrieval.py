@@ -1,0 +1,330 @@
+"""What the bus costs retrieval: the same questions through Kafka to the retrieval processor, and
+straight to the libraries it uses, in one run.
+
+- processor: `ragbus processors run` as a child process, as deployed. N ChatRequests (one tenant,
+  default top_k) are produced to `chat.requests` at once; the clock runs from the first send to
+  the moment the last EnrichedRequest is seen by a read_committed consumer of `chat.enriched`
+  (decoding, micro-batching, embedding, Milvus search, encoding, Kafka transactions). Warm-up
+  requests go first.
+- raw: the same questions in this process, batch by batch with the processor's batch size
+  (`embedding_batch_size`): `SentenceTransformer.encode` then one `MilvusClient.search` with the
+  same tenant filter, limit, ef and output fields, on the same Milvus Lite file (while the
+  processors are stopped: one process per file). One untimed warm-up pass, then timed passes
+  before and after the processor run; their mean is used so drift from other load cancels.
+- `retrieval_ratio` = processor questions/s ÷ raw questions/s (goal ≥ 0.90).
+
+The corpus (synthetic policy documents for three tenants) is ingested through `docs.ingest` first.
+The broker is a throwaway one (infra.provision).
+
+Usage: .venv/bin/python bench/retrieval.py [--quick] [--questions N] [--docs D]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from aiokafka import TopicPartition
+from tqdm import tqdm
+
+from infra.kafka.clients import make_consumer, make_producer
+from infra.kafka.codec import encode
+from infra.kafka.topics import declare_topics
+from infra.milvus import make_milvus_client
+from infra.provision import kafka_service
+from infra.settings import Settings
+from processors.embedding import load_model
+from processors.store import OUTPUT_FIELDS, quote, release_lite
+from schemas import ChatRequest, DocumentIngest
+
+log = logging.getLogger("bench.retrieval")
+
+CACHE = Path(os.environ.get("RAGBUS_TEST_CACHE", Path.home() / ".cache" / "ragbus"))
+TENANTS = ("bench-a", "bench-b", "bench-c")
+ASKER = TENANTS[0]
+
+SUBJECTS = [
+    "invoices", "badge access", "travel bookings", "laptop repairs", "parking permits", "customer refunds",
+    "holiday requests", "security incidents", "printer toner", "guest visits", "data exports",
+    "contract renewals", "desk moves", "software licences", "overtime claims", "mail deliveries",
+]  # fmt: skip
+ATTRIBUTES = [
+    "approval deadline", "responsible team", "retention period", "escalation contact", "maximum amount",
+    "required form", "review cycle", "archive location",
+]  # fmt: skip
+REGIONS = ["north", "south", "east", "west", "central", "coastal"]
+VALUES = [
+    "14 days", "the finance office", "seven years", "the duty manager", "2,500 euros", "form HR-12",
+    "every quarter", "building C basement", "48 hours", "the service desk", "three years", "form FIN-3",
+]  # fmt: skip
+
+
+def corpus(docs: int, rng: random.Random) -> list[DocumentIngest]:
+    """Policy documents of ~20 facts each, spread over the tenants."""
+    out = []
+    for i in range(docs):
+        lines = [f"# Operations manual {i}", ""]
+        for j in range(20):
+            subject, attribute, region = rng.choice(SUBJECTS), rng.choice(ATTRIBUTES), rng.choice(REGIONS)
+            lines.append(
+                f"Rule {i}.{j}: for {subject} in the {region} region, the {attribute} is "
+                f"{rng.choice(VALUES)}. Exceptions need written approval from the {region} office."
+            )
+            if j % 5 == 4:
+                lines.append("")
+        out.append(
+            DocumentIngest(
+                tenant_id=TENANTS[i % len(TENANTS)],
+                doc_id=f"manual-{i}",
+                content_type="text/markdown",
+                text="\n".join(lines),
+            )
+        )
+    return out
+
+
+def questions(n: int, rng: random.Random) -> list[str]:
+    out = []
+    for _ in range(n):
+        attribute, subject, region = rng.choice(ATTRIBUTES), rng.choice(SUBJECTS), rng.choice(REGIONS)
+        out.append(f"What is the {attribute} for {subject} in the {region} region?")
+    return out
+
+
+class Collector:
+    """A read_committed consumer from the topic's current end, noting when each key arrives."""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self.settings = settings
+        self.topic = topic
+        self.consumer = make_consumer(settings, group_id=None, fetch_max_wait_ms=200)
+        self.seen: dict[bytes, float] = {}
+
+    async def start(self) -> None:
+        await self.consumer.start()
+        await self.consumer._client.force_metadata_update()  # noqa: SLF001 - see tests/helpers.py
+        tps = [
+            TopicPartition(self.topic, p)
+            for p in sorted(self.consumer.partitions_for_topic(self.topic) or ())
+        ]
+        self.consumer.assign(tps)
+        await self.consumer.seek_to_end(*tps)
+        for tp in tps:
+            await self.consumer.position(tp)
+
+    async def until(self, keys: set[bytes], bar: tqdm | None = None) -> float:
+        """Wait until a record with each key has come; returns time.perf_counter() when the last
+        of them came (keys seen by earlier calls count)."""
+        missing = {k for k in keys if k not in self.seen}
+        if bar is not None:
+            bar.update(len(keys) - len(missing))
+        while missing:
+            batches = await self.consumer.getmany(timeout_ms=200)
+            now = time.perf_counter()
+            for records in batches.values():
+                for record in records:
+                    if record.key is not None:
+                        self.seen.setdefault(record.key, now)
+                    if record.key in missing:
+                        missing.discard(record.key)
+                        if bar is not None:
+                            bar.update(1)
+        return max(self.seen[k] for k in keys)
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+
+
+async def produce(settings: Settings, topic: str, events: list) -> float:  # type: ignore[type-arg]
+    """Send everything; returns time.perf_counter() at the first send."""
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        started = time.perf_counter()
+        for event in events:
+            enc = encode(event)
+            await producer.send(topic, enc.value, key=enc.key, headers=enc.headers)
+        await producer.flush()
+        return started
+    finally:
+        await producer.stop()
+
+
+def raw_pass(model, client, collection: str, texts: list[str], batch: int, top_k: int, ef: int) -> float:  # type: ignore[no-untyped-def]
+    """encode + search, batch by batch, as the processor does; returns questions per second."""
+    started = time.perf_counter()
+    for start in range(0, len(texts), batch):
+        part = texts[start : start + batch]
+        vectors = model.encode(part, batch_size=batch, normalize_embeddings=True, convert_to_numpy=True)
+        client.search(
+            collection,
+            data=vectors.tolist(),
+            anns_field="dense",
+            limit=top_k,
+            filter=f"tenant_id == {quote(ASKER)}",
+            output_fields=OUTPUT_FIELDS,
+            search_params={"metric_type": "IP", "params": {"ef": max(ef, top_k)}},
+        )
+    return len(texts) / (time.perf_counter() - started)
+
+
+class ProcessorProcess:
+    """`ragbus processors run` as a child process, as a deployment runs it."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        s = self.settings
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAGBUS_")}
+        env.update(
+            {
+                "RAGBUS_KAFKA_BOOTSTRAP": s.bootstrap,
+                "RAGBUS_TOPIC_PREFIX": s.topic_prefix,
+                "RAGBUS_HOME": str(s.home),
+                "RAGBUS_MILVUS_URI": s.milvus_target,
+                "RAGBUS_MILVUS_COLLECTION": s.milvus_collection,
+                "RAGBUS_INSTANCE_ID": s.instance_id,
+                "RAGBUS_LOG_LEVEL": "WARNING",
+            }
+        )
+        with open(self.log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "infra.cli.main", "processors", "run"],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        if self.proc.wait(timeout=120) != 0:
+            raise RuntimeError(f"the processors exited with {self.proc.returncode}; see {self.log_path}")
+        self.proc = None
+
+
+async def run(args: argparse.Namespace) -> None:
+    rng = random.Random(42)
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    defaults = Settings(_env_file=None)  # type: ignore[call-arg]
+    model = await asyncio.to_thread(load_model, defaults.embedding_model)
+    with tempfile.TemporaryDirectory(prefix="ragbus-bench-") as tmp:
+        work = Path(tmp)
+        with kafka_service(work / "kafka", cache=CACHE, version=defaults.kafka_version) as kafka:
+            prefix = f"bench{uuid.uuid4().hex[:8]}"
+            s = Settings(
+                kafka_bootstrap=kafka.bootstrap,
+                topic_prefix=prefix,
+                home=work / "home",
+                milvus_uri=str(work / "milvus.db"),
+                milvus_collection=f"c_{prefix}",
+                instance_id=prefix,
+                _env_file=None,  # type: ignore[call-arg]
+            )
+            await declare_topics(s)
+            processor = ProcessorProcess(s, work / "processors.log")
+            try:
+                processor_qps, raw_qps = await _bench(s, processor, model, args, rng)
+            finally:
+                processor.stop()
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"RESULT retrieval_ratio={processor_qps / raw_qps:.3f} "
+        f"processor_qps={processor_qps:.1f} raw_qps={raw_qps:.1f}",
+        flush=True,
+    )
+
+
+def raw_run(s: Settings, model, texts: list[str], *, warm_up: bool) -> float:  # type: ignore[no-untyped-def]
+    """Open the collection in this process (the processors are stopped: Milvus Lite allows one
+    process per file), optionally warm up on every question, then time one pass."""
+    client = make_milvus_client(s)
+    try:
+        client.load_collection(s.milvus_collection)
+        batch, top_k, ef = s.embedding_batch_size, s.retrieval_top_k, s.milvus_search_ef
+        if warm_up:
+            raw_pass(model, client, s.milvus_collection, texts, batch, top_k, ef)
+        return raw_pass(model, client, s.milvus_collection, texts, batch, top_k, ef)
+    finally:
+        client.close()
+        release_lite(s.milvus_target)
+
+
+async def _bench(  # type: ignore[no-untyped-def]
+    s: Settings, processor: ProcessorProcess, model, args: argparse.Namespace, rng: random.Random
+) -> tuple[float, float]:
+    # 1. the corpus, through docs.ingest (the first start includes loading the model)
+    docs = corpus(args.docs, rng)
+    results = Collector(s, s.topics.docs_ingested)
+    await results.start()
+    processor.start()
+    with tqdm(total=len(docs), desc="ingest", unit="doc") as bar:
+        await produce(s, s.topics.docs_ingest, docs)
+        # from the first result on: loading the model is not ingestion
+        t0 = await results.until({docs[0].doc_id.encode()})
+        t1 = await results.until({d.doc_id.encode() for d in docs}, bar)
+    await results.stop()
+    processor.stop()
+    print(f"ingested {len(docs)} documents in {t1 - t0:.1f} s after the first one")
+
+    texts = questions(args.questions, rng)
+    raw_before = await asyncio.to_thread(raw_run, s, model, texts, warm_up=True)
+    print(f"raw before: {raw_before:.1f} questions/s")
+
+    # 2. the processor: warm-up requests first (they also tell when it is up again)
+    enriched = Collector(s, s.topics.enriched("chat"))
+    await enriched.start()
+    processor.start()
+    warm = [ChatRequest(tenant_id=ASKER, question=q) for q in questions(4 * s.embedding_batch_size, rng)]
+    await produce(s, s.topics.requests("chat"), warm)
+    await enriched.until({r.request_id.encode() for r in warm})
+    requests = [ChatRequest(tenant_id=ASKER, question=q) for q in texts]
+    with tqdm(total=len(requests), desc="processor", unit="q") as bar:
+        started = await produce(s, s.topics.requests("chat"), requests)
+        finished = await enriched.until({r.request_id.encode() for r in requests}, bar)
+    await enriched.stop()
+    processor.stop()
+    processor_qps = len(requests) / (finished - started)
+    print(f"processor: {processor_qps:.1f} questions/s")
+
+    raw_after = await asyncio.to_thread(raw_run, s, model, texts, warm_up=False)
+    print(f"raw after: {raw_after:.1f} questions/s")
+    return processor_qps, (raw_before + raw_after) / 2
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="200 questions over a small corpus")
+    parser.add_argument("--questions", type=int, help="questions to ask (default 2000; --quick 200)")
+    parser.add_argument("--docs", type=int, help="documents to ingest first (default 60; --quick 12)")
+    args = parser.parse_args()
+    args.questions = args.questions or (200 if args.quick else 2000)
+    args.docs = args.docs or (12 if args.quick else 60)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Ingestion and retrieval in one process: one embedding model, one Milvus client, one faust app
+(consumer group `<prefix>.processors`) and one transactional publisher, on one event loop.
+
+Milvus Lite lets one process open a data file, which is why both stages live here; with a Milvus
+server several of these processes can share the work (the consumer group splits partitions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from aiokafka import TopicPartition
+
+from infra.kafka.clients import make_admin
+from infra.milvus import make_milvus_client
+from infra.settings import Settings
+from processors.embedding import Embedder, load_model
+from processors.ingest.stage import IngestStage
+from processors.publisher import TransactionalPublisher
+from processors.retrieval.stage import RetrievalStage
+from processors.stage import BatchStage
+from processors.store import ChunkStore, release_lite
+from processors.streams import ProcessorsApp, build_app
+from schemas import LANES
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+log = logging.getLogger(__name__)
+
+#: How long a rebalance waits for the batches in flight (well inside faust's rebalance timeout).
+REVOKE_WAIT_S = 20.0
+
+
+class ProcessorsError(RuntimeError):
+    """The processors cannot start or had to stop."""
+
+
+def processors_group_id(settings: Settings) -> str:
+    return f"{settings.topic_prefix}.processors"
+
+
+def processors_transactional_id(settings: Settings) -> str:
+    """Stable across restarts, so a restarted process fences its crashed predecessor at once.
+
+    RAGBUS_INSTANCE_ID when set; with Milvus Lite (one process per data file) the data file
+    names the deployment; otherwise host and pid (a crashed process's open transaction then ends
+    by timeout, 15 s).
+    """
+    prefix = f"{settings.topic_prefix}.processors"
+    if settings.instance_id:
+        return f"{prefix}.{settings.instance_id}"
+    if settings.uses_milvus_lite:
+        path = str(Path(settings.milvus_target).expanduser().resolve())
+        return f"{prefix}.lite-{hashlib.sha1(path.encode()).hexdigest()[:12]}"
+    return f"{prefix}.{settings.process_id}"
+
+
+class Processors:
+    def __init__(self, settings: Settings, *, model: SentenceTransformer | None = None) -> None:
+        self.settings = settings
+        self._model = model
+        self.embedder: Embedder | None = None
+        self.store: ChunkStore | None = None
+        self.publisher = TransactionalPublisher(
+            settings,
+            group_id=processors_group_id(settings),
+            transactional_id=processors_transactional_id(settings),
+            generation=self._generation,
+        )
+        self.stages: dict[str, BatchStage[Any]] = {}
+        self.app: ProcessorsApp | None = None
+        #: Set once the consumer group has assigned partitions to this process.
+        self.ready = asyncio.Event()
+        self._lite_lock: TextIO | None = None
+
+    @property
+    def input_topics(self) -> list[str]:
+        t = self.settings.topics
+        return [t.docs_ingest, *(t.requests(lane) for lane in LANES)]
+
+    async def start(self) -> None:
+        s = self.settings
+        if s.uses_milvus_lite:
+            self._lock_lite_file(s.milvus_target)
+        await self._check_topics()
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        model = self._model
+        if model is None:
+            model = await loop.run_in_executor(None, load_model, s.embedding_model, s.embedding_device)
+        self.embedder = Embedder.from_settings(s, model)
+        client = await loop.run_in_executor(None, make_milvus_client, s)
+        self.store = ChunkStore(
+            client, s.milvus_collection, dimension=self.embedder.dimension, ef=s.milvus_search_ef
+        )
+        await self.store.call(self.store.ensure_collection)
+        await self.publisher.start()
+
+        ingest = IngestStage(s, self.publisher, self.embedder, self.store)
+        self.stages = {"ingest": ingest}
+        agents = {
+            "ingest": (
+                s.topics.docs_ingest,
+                s.ingest_batch_size,
+                max(s.ingest_max_wait_ms, 1.0) / 1000,  # faust waits forever on 0
+                ingest.process,
+            )
+        }
+        for lane in LANES:
+            stage = RetrievalStage(s, self.publisher, self.embedder, self.store, lane=lane)
+            self.stages[stage.name] = stage
+            agents[stage.name] = (
+                s.topics.requests(lane),
+                s.embedding_batch_size,
+                max(s.embedding_max_wait_ms, 1.0) / 1000,
+                stage.process,
+            )
+        self.app = build_app(
+            s,
+            group_id=processors_group_id(s),
+            agents=agents,
+            on_revoked=self._on_revoked,
+            on_assigned=self._on_assigned,
+        )
+        await self.app.start()
+        log.info(
+            "processors started in %.1f s: %s → Milvus %s (collection %s)",
+            time.monotonic() - started,
+            ", ".join(self.input_topics),
+            s.milvus_target,
+            s.milvus_collection,
+        )
+
+    def _lock_lite_file(self, milvus_target: str) -> None:
+        """Milvus Lite serves one process per data file: refuse to start next to another one."""
+        target = Path(milvus_target).expanduser()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path = target.with_name(target.name + ".lock")
+        handle = open(path, "a+")  # noqa: SIM115 - held open (locked) until stop()
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ProcessorsError(
+                f"the Milvus Lite file {target} is in use by {holder}: Milvus Lite allows one process "
+                "per data file (stop the other processors, or give each its own RAGBUS_MILVUS_URI)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self._lite_lock = handle
+
+    async def _check_topics(self) -> None:
+        admin = make_admin(self.settings)
+        try:
+            await admin.start()
+            present = set(await admin.list_topics())
+        except Exception as e:
+            raise ProcessorsError(f"cannot reach Kafka at {self.settings.bootstrap}: {e}") from e
+        finally:
+            with contextlib.suppress(Exception):
+                await admin.close()
+        missing = [t for t in self.input_topics if t not in present]
+        if missing:
+            raise ProcessorsError(
+                f"missing topics {', '.join(missing)}: run `ragbus up` or `ragbus topics declare`"
+            )
+
+    def _generation(self) -> int | None:
+        return self.app.consumer_generation_id if self.app is not None else None
+
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        # Let the batches in flight finish and commit while these partitions are still ours;
+        # whatever is later is dropped by the publisher and read again by the next owner.
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(stage.idle() for stage in self.stages.values())), REVOKE_WAIT_S
+            )
+        except TimeoutError:
+            log.warning("rebalance: a batch is still running after %.0f s; it will be redone", REVOKE_WAIT_S)
+        await self.publisher.on_partitions_revoked(revoked)
+
+    async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.publisher.on_partitions_assigned(assigned)
+        if assigned and not self.ready.is_set():
+            log.info("processors ready: %d partitions assigned", len(assigned))
+        self.ready.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start, process until `stop` is set, then stop. Raises ProcessorsError when processing
+        had to stop (results could not be committed, or an agent crashed)."""
+        try:
+            await self.start()
+            await self._watch(stop)
+        finally:
+            await self.stop()
+
+    async def _watch(self, stop: asyncio.Event) -> None:
+        assert self.app is not None and self.publisher.failed is not None
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                await asyncio.wait(
+                    [stopping, self.publisher.failed], timeout=1.0, return_when=asyncio.FIRST_COMPLETED
+                )
+                if self.publisher.failed.done():
+                    raise ProcessorsError(f"stopping: {self.publisher.failed.exception()}")
+                for stage in self.stages.values():
+                    if (failure := stage.failure()) is not None:
+                        raise ProcessorsError(f"stopping: {stage.name} failed: {failure!r}")
+                if self.app.crashed:
+                    raise ProcessorsError(f"stopping: a stream agent crashed: {self.app.crash_reason!r}")
+        finally:
+            stopping.cancel()
+
+    async def stop(self) -> None:
+        if self.app is not None:
+            with contextlib.suppress(Exception):
+                await self.app.stop()
+        for stage in self.stages.values():
+            try:
+                await stage.flush()
+            except (Exception, asyncio.CancelledError) as e:  # noqa: BLE001 - the records are read again
+                log.warning("%s: its last batch was not committed: %r", stage.name, e)
+        await self.publisher.stop()
+        if self.embedder is not None:
+            self.embedder.close()
+        if self.store is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.store.close)
+            if self.settings.uses_milvus_lite:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, release_lite, self.settings.milvus_target
+                )
+        if self._lite_lock is not None:
+            self._lite_lock.close()  # releases the lock
+            self._lite_lock = None
+        log.info("processors stopped")

@@ -1,0 +1,146 @@
+"""The faust-streaming app that feeds the processors: one agent per input topic, each reading
+micro-batches with `Stream.take_events(N, within=T)`.
+
+Two departures from faust's defaults, both for exactly-once output through our own transactions
+(see `processors.publisher`):
+
+- the consumer reads with isolation_level=read_committed (faust only does so in its own
+  exactly-once mode) and never commits offsets itself: the offsets travel in the publisher's
+  transactions, and the topics are declared with acks off so faust keeps no ack bookkeeping;
+- agents run under `CrashingSupervisor`: an agent that dies takes the app down (and the process
+  exits to be restarted from the committed offsets) instead of being restarted in place past
+  records whose results were never committed.
+
+faust runs its Kafka consumer on a thread of its own, so group heartbeats continue while the
+event loop is busy; the model and Milvus calls run on their own worker threads anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import faust
+from aiokafka import TopicPartition
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from mode import CrashingSupervisor
+
+from infra.kafka.clients import ssl_context
+from infra.settings import Settings
+from processors.records import RecordView
+
+log = logging.getLogger(__name__)
+
+BatchHandler = Callable[[Sequence[RecordView]], Awaitable[None]]
+RebalanceHandler = Callable[[set[TopicPartition]], Awaitable[None]]
+
+
+class ReadCommittedConsumer(faust_aiokafka.Consumer):
+    """faust's aiokafka consumer, reading only committed records and never committing offsets."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # faust reads this flag to choose isolation_level=read_committed and to measure lag
+        # against the last stable offset; its commit path below is disabled.
+        self.in_transaction = True
+
+    def on_init_dependencies(self) -> list[Any]:
+        return []  # no faust TransactionManager: the publisher owns the transactions
+
+    async def commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
+        return False  # offsets are committed only inside the publisher's transactions
+
+
+class ReadCommittedTransport(faust_aiokafka.Transport):
+    Consumer = ReadCommittedConsumer
+
+
+class ProcessorsApp(faust.App):
+    def _new_transport(self) -> Any:
+        return ReadCommittedTransport(self.conf.broker_consumer, self)
+
+
+def _credentials(settings: Settings) -> Any:
+    protocol = settings.kafka_security_protocol
+    if protocol == "PLAINTEXT":
+        return None
+    if protocol == "SSL":
+        return faust.SSLCredentials(ssl_context(settings))
+    if settings.kafka_sasl_mechanism == "OAUTHBEARER":
+        raise ValueError("the processors do not support SASL OAUTHBEARER; use PLAIN or SCRAM")
+    return faust.SASLCredentials(
+        username=settings.kafka_sasl_username,
+        password=settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None,
+        mechanism=settings.kafka_sasl_mechanism,
+        ssl_context=ssl_context(settings) if protocol == "SASL_SSL" else None,
+    )
+
+
+def build_app(
+    settings: Settings,
+    *,
+    group_id: str,
+    agents: dict[str, tuple[str, int, float, BatchHandler]],
+    on_revoked: RebalanceHandler,
+    on_assigned: RebalanceHandler,
+) -> ProcessorsApp:
+    """A faust app in consumer group `group_id` with one agent per entry of `agents`:
+    name → (topic, max batch, max wait in seconds, handler)."""
+    datadir = settings.home / "processors" / "faust"
+    datadir.mkdir(parents=True, exist_ok=True)
+    app = ProcessorsApp(
+        group_id,
+        broker=[f"kafka://{host}" for host in settings.bootstrap.split(",")],
+        broker_credentials=_credentials(settings),
+        broker_client_id=f"ragbus-processors-{settings.process_id}",
+        broker_session_timeout=settings.kafka_session_timeout_ms / 1000,
+        broker_heartbeat_interval=max(1.0, settings.kafka_session_timeout_ms / 3000),
+        broker_max_poll_interval=settings.kafka_max_poll_interval_ms / 1000,
+        broker_request_timeout=max(
+            settings.kafka_request_timeout_ms / 1000, settings.kafka_session_timeout_ms / 1000
+        ),
+        consumer_auto_offset_reset="earliest",
+        web_enabled=False,
+        topic_disable_leader=True,
+        topic_allow_declare=False,
+        store="memory://",
+        datadir=str(datadir),
+        stream_buffer_maxsize=2048,
+        agent_supervisor=CrashingSupervisor,
+    )
+
+    @app.on_partitions_revoked.connect
+    async def _revoked(sender: Any, revoked: set[Any], **kwargs: Any) -> None:
+        await on_revoked({TopicPartition(tp.topic, tp.partition) for tp in revoked})
+
+    @app.on_partitions_assigned.connect
+    async def _assigned(sender: Any, assigned: set[Any], **kwargs: Any) -> None:
+        await on_assigned({TopicPartition(tp.topic, tp.partition) for tp in assigned})
+
+    for name, (topic_name, max_batch, within, handler) in agents.items():
+        topic = app.topic(topic_name, key_serializer="raw", value_serializer="raw", acks=False)
+        app.agent(topic, name=name, supervisor_strategy=CrashingSupervisor)(
+            _agent(name, max_batch, within, handler)
+        )
+    return app
+
+
+def _agent(
+    name: str, max_batch: int, within: float, handler: BatchHandler
+) -> Callable[[Any], Awaitable[None]]:
+    async def agent(stream: Any) -> None:
+        def arrived(value: Any) -> Any:
+            # faust stamps arrival only for topics with acks on; the batch wait is measured from it
+            event = stream.current_event
+            if event is not None and not event.message.time_in:
+                event.message.time_in = time.monotonic()
+            return value
+
+        stream.add_processor(arrived)
+        async for events in stream.take_events(max_batch, within=within):
+            await handler([RecordView.from_faust(e.message) for e in events])
+
+    agent.__name__ = agent.__qualname__ = name.replace("-", "_")
+    return agent
