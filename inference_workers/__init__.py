@@ -1,0 +1,1 @@
+"""Inference workers: enriched requests → micro-batched generation (llama.cpp or vLLM) → answers."""

@@ -1,0 +1,1 @@
+"""Generation backends behind one interface (base.Engine): llama.cpp and vLLM."""

