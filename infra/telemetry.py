@@ -70,6 +70,38 @@ def meter(name: str) -> metrics.Meter:
     return metrics.get_meter(name)
 
 
+def tracing_enabled() -> bool:
+    """Whether a tracer provider is installed (`setup_telemetry`); without one, spans are no-ops
+    and not worth creating per record."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
+def start_span_from_headers(
+    name: str,
+    headers: Sequence[tuple[str, bytes]] | None,
+    *,
+    component: str,
+    start_time_s: float | None = None,
+    **attributes: Any,
+) -> trace.Span:
+    """Like `span_from_headers`, for a span that outlives one block (the caller ends it);
+    `start_time_s` (wall clock) backdates it to when the record arrived."""
+    return tracer(component).start_span(
+        name,
+        context=extract_context(headers),
+        kind=trace.SpanKind.CONSUMER,
+        attributes=attributes,
+        start_time=None if start_time_s is None else int(start_time_s * 1e9),
+    )
+
+
+def reinject_headers(headers: Sequence[tuple[str, bytes]], span: trace.Span) -> HeaderList:
+    """`headers` with their trace context replaced by `span`'s."""
+    out = [(k, v) for k, v in headers if k not in ("traceparent", "tracestate")]
+    inject_headers(out, trace.set_span_in_context(span))
+    return out
+
+
 @contextmanager
 def span_from_headers(
     name: str, headers: Sequence[tuple[str, bytes]] | None, *, component: str, **attributes: Any

@@ -142,5 +142,7 @@ class Topics:
 
     @property
     def pattern(self) -> str:
-        """Regex matching every topic under the prefix, DLQs included (for pattern subscriptions)."""
-        return "^" + self.prefix.replace(".", r"\.") + r"\..*"
+        """Regex matching every topic under the prefix, DLQs and undeclared ones included (for
+        pattern subscriptions), except another deployment's whose prefix extends this one: with
+        prefix `ragbus`, `ragbus.models.updates` matches, `ragbus.staging.chat.requests` does not."""
+        return "^" + self.prefix.replace(".", r"\.") + r"\.(?!.+\.(chat|bulk|docs)\.).+"

@@ -6,7 +6,12 @@ from pathlib import Path
 
 import typer
 
+from infra.cli import audit as audit_cmds
 from infra.cli import client as client_cmds
+from infra.cli import components as component_cmds
+from infra.cli import demo as demo_cmds
+from infra.cli import inference as inference_cmds
+from infra.cli import knowledge as knowledge_cmds
 from infra.cli import stack as stack_cmds
 from infra.cli.common import console, print_json, settings
 
@@ -22,10 +27,15 @@ app.command("up")(stack_cmds.up)
 app.command("down")(stack_cmds.down)
 app.command("status")(stack_cmds.status)
 app.command("smoke")(stack_cmds.smoke)
-app.command("demo")(stack_cmds.demo)
+app.command("demo")(demo_cmds.demo)
+app.command("start")(component_cmds.start)
+app.command("stop")(component_cmds.stop)
 app.command("ask")(client_cmds.ask)
 app.add_typer(client_cmds.bulk_app, name="bulk")
 app.command("gateway")(client_cmds.gateway)
+audit_cmds.register(app)
+inference_cmds.register(app)
+knowledge_cmds.register(app)
 
 
 @app.command("config")

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from infra.cli.common import console, friendly_errors, print_json, settings
+from infra.cli.components import component_states, components_table
 from infra.kafka.inspect import cluster_view
 from infra.stack import Stack
 
@@ -36,8 +37,11 @@ def up(as_json: bool = typer.Option(False, "--json", help="Print the services as
 
 @friendly_errors
 def down() -> None:
-    """Stop the local services started by `ragbus up` (their data is kept)."""
+    """Stop the components (`ragbus start`), then the local services (`ragbus up`); data is kept."""
+    from infra.cli.components import stop_all
+
     s = settings()
+    stop_all(s)
     Stack(s).down()
     console.print("local stack stopped")
 
@@ -49,16 +53,19 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print as JSON."))
     states = Stack(s).health()
     kafka_ok = states[0].healthy
     view = asyncio.run(cluster_view(s)) if kafka_ok else None
+    components = component_states(s)
     if as_json:
         print_json(
             {
                 "services": [asdict(x) for x in states],
+                "components": [asdict(c) for c in components],
                 "topics": [asdict(t) | {"messages": t.messages} for t in view.topics] if view else [],
                 "groups": [asdict(g) | {"total_lag": g.total_lag} for g in view.groups] if view else [],
             }
         )
         raise typer.Exit(0 if all(x.healthy for x in states) else 1)
     _services_table(states)
+    console.print(components_table(components))
     if view is not None:
         topics = Table(title=f"topics ({view.brokers} broker{'s' if view.brokers != 1 else ''})")
         for col in ("topic", "partitions", "end offsets (sum)"):
@@ -110,10 +117,3 @@ def _services_table(states: list) -> None:  # type: ignore[type-arg]
             str(x.log) if x.log else "",
         )
     console.print(table)
-
-
-@friendly_errors
-def demo() -> None:
-    """The main job on the embedded default: start the local stack and round-trip every topic."""
-    up(as_json=False)
-    smoke()

@@ -33,5 +33,8 @@ def test_prefix_and_pattern() -> None:
     pattern = re.compile(t.pattern)
     assert all(pattern.match(n) for n in t.all())
     assert not pattern.match("acmexprod.chat.requests")
+    assert pattern.match("acme.prod.models.updates")  # undeclared topics are audited too
+    # ...but not another deployment's, whose prefix extends this one.
+    assert not any(pattern.match(n) for n in Topics("acme.prod.staging").all())
     assert spec_for_topic("acme.prod.chat.requests", "acme.prod") is not None
     assert spec_for_topic("other.chat.requests", "acme.prod") is None

@@ -1,0 +1,265 @@
+"""End-to-end latency under steady load, split by stage: ChatClient → requests topic → retrieval
+processor → enriched topic → inference worker → responses topic → ChatClient.
+
+The processors and the worker run as the `ragbus` processes a deployment runs, against a throwaway
+local broker; the sample documents are indexed first. Questions arrive open-loop (Poisson) at
+`--rps`, each timed by the client from send to answer. Every answer carries its stage timings, so
+the end-to-end time splits into: retrieval queue, embedding, vector search, inference queue (micro-
+batch wait and the model being busy), generation, and the rest (Kafka hops, transactions, polling).
+
+`overhead = end-to-end - model time`, where model time is the LLM's generation (`generate_ms`);
+embedding and search count as overhead, since they are the pipeline's own work.
+
+Usage:
+    .venv/bin/python bench/e2e.py [--quick] [--rps R] [--seconds S] [--max-tokens T]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tqdm import tqdm
+
+from infra.kafka.topics import declare_topics
+from infra.provision import kafka_service
+from infra.settings import Settings
+from processors.ingest.client import discover, ingest_files
+from producers.client import ChatClient, ChatError, ChatTimeout
+from schemas import ChatResponse
+
+log = logging.getLogger("bench.e2e")
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("RAGBUS_TEST_CACHE", Path.home() / ".cache" / "ragbus"))
+QUESTIONS = [
+    "How many days of paid vacation do employees get per year?",
+    "What is the phone extension of the IT helpdesk?",
+    "What is the daily meal allowance on business trips?",
+    "How many weeks of parental leave does Northwind offer?",
+    "How long must passwords be?",
+    "Who approves travel outside Europe?",
+    "How do I reset my laptop password?",
+    "Can unused vacation days be carried over?",
+]
+STAGES = ("retrieval_queue_ms", "embed_ms", "search_ms", "inference_queue_ms", "generate_ms")
+
+
+@dataclass
+class Sample:
+    e2e_ms: float
+    response: ChatResponse
+
+    @property
+    def model_ms(self) -> float:
+        return self.response.timings.generate_ms or 0.0
+
+    @property
+    def overhead_ms(self) -> float:
+        return self.e2e_ms - self.model_ms
+
+    def stage(self, name: str) -> float:
+        return getattr(self.response.timings, name) or 0.0
+
+    @property
+    def bus_ms(self) -> float:
+        """What no stage accounts for: Kafka hops, transactions, polling, decoding."""
+        return self.e2e_ms - sum(self.stage(s) for s in STAGES)
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+class Component:
+    """`ragbus <args>` as a child process, as a deployment runs it."""
+
+    def __init__(self, settings: Settings, args: list[str], log_path: Path) -> None:
+        self.settings, self.args, self.log_path = settings, args, log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        s = self.settings
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAGBUS_")}
+        env.update(
+            {
+                "RAGBUS_KAFKA_BOOTSTRAP": s.bootstrap,
+                "RAGBUS_TOPIC_PREFIX": s.topic_prefix,
+                "RAGBUS_HOME": str(s.home),
+                "RAGBUS_MILVUS_URI": s.milvus_target,
+                "RAGBUS_MILVUS_COLLECTION": s.milvus_collection,
+                "RAGBUS_INSTANCE_ID": f"{s.instance_id}-{self.args[0]}",
+                "RAGBUS_LOG_LEVEL": "WARNING",
+            }
+        )
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "infra.cli.main", *self.args],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+
+async def ask(
+    client: ChatClient, question: str, max_tokens: int, out: list[Sample], errors: list[str]
+) -> None:
+    started = time.perf_counter()
+    try:
+        response = await client.ask(question, tenant="bench", max_tokens=max_tokens, timeout=300)
+    except (ChatError, ChatTimeout) as e:
+        errors.append(str(e))
+        return
+    out.append(Sample((time.perf_counter() - started) * 1000, response))
+
+
+async def warm_up(client: ChatClient, max_tokens: int) -> None:
+    """Until the pipeline answers (models loaded, consumer groups joined), one question at a time."""
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            await client.ask(QUESTIONS[0], tenant="bench", max_tokens=max_tokens, timeout=60)
+            break
+        except ChatTimeout:
+            if time.monotonic() > deadline:
+                raise
+    for q in QUESTIONS[1:4]:
+        await client.ask(q, tenant="bench", max_tokens=max_tokens, timeout=120)
+
+
+async def steady_load(s: Settings, args: argparse.Namespace) -> tuple[list[Sample], list[str], float]:
+    rng = random.Random(7)
+    samples: list[Sample] = []
+    errors: list[str] = []
+    async with ChatClient(s, remember=False) as client:
+        await warm_up(client, args.max_tokens)
+        total = max(1, round(args.rps * args.seconds))
+        tasks = []
+        started = time.perf_counter()
+        with tqdm(total=total, unit="q", desc=f"steady load at {args.rps} rps") as bar:
+            for i in range(total):
+                question = f"{QUESTIONS[i % len(QUESTIONS)]} (ref {uuid.uuid4().hex[:6]})"
+                task = asyncio.create_task(ask(client, question, args.max_tokens, samples, errors))
+                task.add_done_callback(lambda _: bar.update(1))
+                tasks.append(task)
+                await asyncio.sleep(rng.expovariate(args.rps))
+            await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - started
+    return samples, errors, elapsed
+
+
+async def run(args: argparse.Namespace) -> None:
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    defaults = Settings(_env_file=None)  # type: ignore[call-arg]
+    with tempfile.TemporaryDirectory(prefix="ragbus-bench-e2e-") as tmp:
+        work = Path(tmp)
+        with kafka_service(work / "kafka", cache=CACHE, version=defaults.kafka_version) as kafka:
+            prefix = f"bench{uuid.uuid4().hex[:8]}"
+            s = Settings(
+                kafka_bootstrap=kafka.bootstrap,
+                topic_prefix=prefix,
+                home=work / "home",
+                milvus_uri=str(work / "milvus.db"),
+                milvus_collection=f"c_{prefix}",
+                instance_id=prefix,
+                _env_file=None,  # type: ignore[call-arg]
+            )
+            await declare_topics(s)
+            parts = [
+                Component(s, ["processors", "run"], work / "processors.log"),
+                Component(s, ["worker", "run"], work / "worker.log"),
+            ]
+            for p in parts:
+                p.start()
+            try:
+                jobs, _ = discover([ROOT / "producers" / "samples" / "docs"])
+                report = await ingest_files(s, jobs, tenant="bench", idle_timeout=300)
+                if not report.ok:
+                    raise SystemExit(f"ingesting the sample documents failed; see {work}/processors.log")
+                samples, errors, elapsed = await steady_load(s, args)
+                if not all(p.alive() for p in parts):
+                    raise SystemExit("a component died during the run")
+            finally:
+                for p in parts:
+                    p.stop()
+    report_results(samples, errors, elapsed)
+
+
+def report_results(samples: list[Sample], errors: list[str], elapsed: float) -> None:
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if errors:
+        print(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    if not samples:
+        raise SystemExit("no answers")
+    rows = [
+        ("end to end", [x.e2e_ms for x in samples]),
+        ("overhead (e2e - generate)", [x.overhead_ms for x in samples]),
+    ]
+    rows += [(name.removesuffix("_ms"), [x.stage(name) for x in samples]) for name in STAGES]
+    rows.append(("bus: hops, transactions, polling", [x.bus_ms for x in samples]))
+    print(f"\n{len(samples)} answers in {elapsed:.1f} s")
+    print(f"{'ms':<34}{'p50':>9}{'p90':>9}{'p99':>9}{'mean':>9}")
+    for name, values in rows:
+        print(
+            f"{name:<34}{pct(values, 50):>9.1f}{pct(values, 90):>9.1f}{pct(values, 99):>9.1f}"
+            f"{statistics.fmean(values):>9.1f}"
+        )
+    overhead = [x.overhead_ms for x in samples]
+    e2e = [x.e2e_ms for x in samples]
+    print(
+        f"RESULT overhead_p50_ms={pct(overhead, 50):.1f} overhead_p99_ms={pct(overhead, 99):.1f} "
+        f"e2e_p50_ms={pct(e2e, 50):.1f} e2e_p99_ms={pct(e2e, 99):.1f} rps={len(samples) / elapsed:.2f}",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="30 s of load instead of 180 s")
+    parser.add_argument("--rps", type=float, default=0.5, help="arrival rate, questions per second")
+    parser.add_argument("--seconds", type=float, help="how long the load lasts (default 180; --quick 30)")
+    parser.add_argument("--max-tokens", type=int, default=16, help="answer length cap")
+    args = parser.parse_args()
+    args.seconds = args.seconds or (30.0 if args.quick else 180.0)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()

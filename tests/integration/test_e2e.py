@@ -1,0 +1,375 @@
+"""End to end through the real stack: processors, inference worker (SmolLM2 on llama.cpp), audit sink
+and gateway run as the `ragbus` processes a user starts, against the session's broker and Postgres.
+
+One pipeline serves the whole module (models load once); the tests then come in through each way
+in: the official `openai` package against the gateway, `kcat` on the topics, and a bulk job that is
+interrupted and resumed. The trace and audit checks look at what those runs left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import openai
+import pytest
+from pydantic import SecretStr
+
+from infra.kafka.topics import declare_topics
+from infra.procs import free_port
+from infra.provision import KafkaService, PostgresService, create_database
+from infra.settings import Settings
+from schemas import ChatResponse
+from tests.conftest import unique
+from tests.helpers import env_for, read_topic, spawn, wait_for
+from tests.integration.audit_support import audit_coords, readable_records
+
+SAMPLES = Path(__file__).resolve().parents[2] / "producers" / "samples"
+KEY = "sk-e2e-" + uuid.uuid4().hex
+TENANT = "northwind"
+
+
+@dataclass
+class Pipeline:
+    settings: Settings
+    gateway_url: str
+    spans: Path
+    logs: Path
+    procs: dict[str, subprocess.Popen[bytes]]
+
+    def log_tail(self) -> str:
+        parts = []
+        for name in self.procs:
+            text = (self.logs / f"{name}.log").read_text(errors="replace")
+            parts.append(f"--- {name} ---\n{text[-3000:]}")
+        return "\n".join(parts)
+
+
+async def _ragbus(settings: Settings, *args: str, timeout: float = 300) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "infra.cli.main",
+        *args,
+        env=env_for(settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture(scope="module")
+async def pipeline(
+    kafka: KafkaService, postgres: PostgresService, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Pipeline]:
+    root = tmp_path_factory.mktemp("e2e")
+    test_id = unique("e")
+    keys = root / "keys.toml"
+    keys.write_text(f'[[keys]]\nkey = "{KEY}"\ntenant = "{TENANT}"\nuser = "alice"\n')
+    await create_database(postgres.dsn, test_id)
+    port = free_port()
+    s = Settings(
+        kafka_bootstrap=kafka.bootstrap,
+        topic_prefix=test_id,
+        kafka_partitions=2,
+        home=root / "home",
+        milvus_uri=os.environ.get("RAGBUS_TEST_MILVUS_URI") or str(root / "milvus.db"),
+        milvus_collection=f"c_{test_id}",
+        pg_dsn=SecretStr(postgres.dsn_for(test_id)),
+        otel_exporter="file",
+        otel_file=root / "spans.jsonl",
+        gateway_port=port,
+        gateway_keys_file=keys,
+        gateway_timeout_s=240.0,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+    await declare_topics(s)
+    logs = root / "logs"
+    logs.mkdir()
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    for name, args in {
+        "sink": ["sink", "run"],
+        "worker": ["worker", "run"],
+        "processors": ["processors", "run"],
+        "gateway": ["gateway"],
+    }.items():
+        procs[name] = spawn(args, s, logs / f"{name}.log")
+    p = Pipeline(s, f"http://127.0.0.1:{port}", root / "spans.jsonl", logs, procs)
+    try:
+
+        async def healthy() -> bool:
+            for name, proc in procs.items():
+                assert proc.poll() is None, f"{name} exited:\n{p.log_tail()}"
+            try:
+                async with httpx.AsyncClient() as http:
+                    return (await http.get(f"{p.gateway_url}/healthz")).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        await wait_for(healthy, timeout=120, what="the gateway")
+        code, out, err = await _ragbus(s, "ingest", str(SAMPLES / "docs"), "--tenant", TENANT, "--json")
+        assert code == 0, f"{out}\n{err}\n{p.log_tail()}"
+        assert json.loads(out)["indexed"] == 3
+        yield p
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _openai(p: Pipeline, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{p.gateway_url}/v1", api_key=key, timeout=240, max_retries=0)
+
+
+#: Questions on the sample documents that SmolLM2-135M (Q4, greedy) answers right with the
+#: worker's prompt, and what the answer contains. (It gets others wrong: a 135M model is a
+#: smoke-test model; see the README for real models.)
+HELPDESK = ("What is the phone extension of the IT helpdesk?", "4417")
+MEALS = ("What is the daily meal allowance on business trips?", "45")
+
+
+async def test_openai_package_plain_async_and_streaming(pipeline: Pipeline) -> None:
+    messages: Any = [{"role": "user", "content": HELPDESK[0]}]
+
+    # Plain, with the synchronous client (in a thread: it blocks).
+    plain = await asyncio.to_thread(
+        _openai(pipeline).chat.completions.create, model="ragbus", messages=messages, max_tokens=32
+    )
+    assert HELPDESK[1] in (plain.choices[0].message.content or ""), plain
+    assert plain.usage is not None and plain.usage.prompt_tokens > 50 and plain.usage.completion_tokens > 0
+    assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
+
+    # The async client, several questions at once.
+    client = openai.AsyncOpenAI(base_url=f"{pipeline.gateway_url}/v1", api_key=KEY, timeout=240)
+    questions = dict([MEALS, ("How much is the meal allowance per day when travelling?", "45")])
+    replies = await asyncio.gather(
+        *(
+            client.chat.completions.create(
+                model="ragbus", messages=[{"role": "user", "content": q}], max_tokens=32
+            )
+            for q in questions
+        )
+    )
+    for (question, expected), reply in zip(questions.items(), replies, strict=True):
+        assert expected in (reply.choices[0].message.content or ""), (question, reply)
+        assert reply.usage is not None and reply.usage.completion_tokens > 0
+
+    # Streaming: content arrives in several chunks, usage in the last one when asked for. (Another
+    # max_tokens than above, or the worker's response cache answers at once, in one piece.)
+    stream = await client.chat.completions.create(
+        model="ragbus",
+        messages=[{"role": "user", "content": HELPDESK[0]}],
+        max_tokens=24,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, usage, finish = [], None, None
+    async for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+            finish = choice.finish_reason or finish
+    assert len(pieces) > 1 and HELPDESK[1] in "".join(pieces), pieces
+    assert finish in ("stop", "length")
+    assert usage is not None and usage.completion_tokens > 0
+    models = await client.models.list()
+    assert models.data and all(m.id for m in models.data)
+    await client.close()
+
+    # A wrong key is refused before anything reaches the bus.
+    with pytest.raises(openai.AuthenticationError):
+        await asyncio.to_thread(
+            _openai(pipeline, "sk-wrong").chat.completions.create, model="ragbus", messages=messages
+        )
+
+
+@pytest.mark.skipif(shutil.which("kcat") is None, reason="kcat is not installed (apt-get install kcat)")
+async def test_kcat_round_trip(pipeline: Pipeline) -> None:
+    """What the README shows other systems doing: a JSON request in with kcat, its answer out."""
+    s = pipeline.settings
+    request_id = f"kcat-{uuid.uuid4().hex[:8]}"
+    request = {
+        "request_id": request_id,
+        "tenant_id": TENANT,
+        "user_id": "kcat",
+        "question": MEALS[0],
+        "sampling": {"max_tokens": 20},  # not a cache hit of the earlier test's answer
+    }
+    produce = await asyncio.to_thread(
+        subprocess.run,
+        ["kcat", "-P", "-b", s.bootstrap, "-t", s.topics.requests("chat"), "-k", request_id],
+        input=json.dumps(request).encode(),
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert produce.returncode == 0, produce.stderr
+
+    def consume() -> dict[str, Any] | None:
+        out = subprocess.run(
+            [
+                *("kcat", "-C", "-b", s.bootstrap, "-t", s.topics.responses("chat"), "-o", "beginning"),
+                *("-e", "-X", "isolation.level=read_committed", "-q", "-f", "%s\\n"),
+            ],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        for line in out.stdout.decode().splitlines():
+            if line.strip() and json.loads(line).get("request_id") == request_id:
+                return json.loads(line)
+        return None
+
+    async def answered() -> dict[str, Any] | None:
+        return await asyncio.to_thread(consume)
+
+    response = await wait_for(answered, timeout=180, interval=1.0, what="the kcat request's answer")
+    assert response["error"] is None, response
+    assert MEALS[1] in response["answer"], response
+    assert response["citations"] and response["usage"]["completion_tokens"] > 0
+    assert response["timings"]["embed_ms"] is not None and response["timings"]["generate_ms"] > 0
+
+
+async def test_bulk_job_interrupted_and_resumed_answers_each_line_once(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    s = pipeline.settings
+    n = 200
+    questions = tmp_path / "questions.jsonl"
+    with questions.open("w") as f:
+        for i in range(n):
+            body = {"model": "ragbus", "messages": [{"role": "user", "content": f"What is {i} plus {i}?"}]}
+            body["max_tokens"] = 4
+            line = {"custom_id": f"q-{i:03d}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+            f.write(json.dumps(line) + "\n")
+    out = tmp_path / "answers.jsonl"
+    job = f"e2e-{uuid.uuid4().hex[:6]}"
+    # A tenant with no documents: short prompts, so 200 answers take seconds, not minutes.
+    args = ["bulk", "submit", str(questions), "--out", str(out), "--tenant", "nodocs", "--job", job]
+    args += ["--window", "32", "--no-progress"]
+    log = tmp_path / "bulk.log"
+    first = spawn(args, s, log)
+    try:
+
+        async def halfway() -> bool:
+            assert first.poll() is None, log.read_text()
+            return out.exists() and len(out.read_text().splitlines()) >= n // 2
+
+        await wait_for(halfway, timeout=300, interval=0.2, what="half of the bulk job")
+        first.send_signal(signal.SIGINT)
+        code = await asyncio.to_thread(first.wait, 60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert code == 130, log.read_text()
+    assert "resume with" in log.read_text()
+    before = len(out.read_text().splitlines())
+    assert n // 2 <= before < n
+
+    code, _, err = await _ragbus(s, *args, timeout=400)
+    assert code == 0, err
+    assert f"resuming job {job}" in err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    ids = [r["custom_id"] for r in rows]
+    assert len(rows) == n and len(set(ids)) == n, (len(rows), len(set(ids)))
+    assert set(ids) == {f"q-{i:03d}" for i in range(n)}
+    assert all(r["response"]["status_code"] == 200 and r["error"] is None for r in rows)
+    code, status, _ = await _ragbus(s, "bulk", "status", job, "--json")
+    assert code == 0 and json.loads(status)[0]["answered"] == n
+
+
+async def test_one_trace_links_gateway_retrieval_worker_and_response(pipeline: Pipeline) -> None:
+    reply = await asyncio.to_thread(
+        _openai(pipeline).chat.completions.create,
+        model="ragbus",
+        messages=[{"role": "user", "content": "How long must passwords be?"}],
+        max_tokens=16,
+    )
+    request_id = reply.id.removeprefix("chatcmpl-")
+
+    async def spans_of_request() -> dict[str, dict[str, Any]] | None:
+        found = {}
+        for line in pipeline.spans.read_text().splitlines():
+            span = json.loads(line)
+            if span["attributes"].get("ragbus.request_id") == request_id:
+                found[span["name"]] = span
+        want = {"POST /v1/chat/completions", "ragbus.request", "retrieval", "inference"}
+        return found if want <= set(found) else None
+
+    spans = await wait_for(spans_of_request, timeout=30, what="the request's spans")
+    gateway, client = spans["POST /v1/chat/completions"], spans["ragbus.request"]
+    retrieval, inference = spans["retrieval"], spans["inference"]
+    assert len({x["trace_id"] for x in spans.values()}) == 1, spans
+    assert client["parent_span_id"] == gateway["span_id"]
+    assert retrieval["parent_span_id"] == client["span_id"]
+    assert inference["parent_span_id"] == retrieval["span_id"]
+    assert gateway["service"].endswith(".gateway") and retrieval["service"].endswith(".processors")
+    assert inference["service"].endswith(".worker")
+
+    # The response record carries the worker's span as its parent context.
+    records = [
+        r
+        for r in await read_topic(pipeline.settings, pipeline.settings.topics.responses("chat"))
+        if ChatResponse.model_validate_json(r.value).request_id == request_id
+    ]
+    assert len(records) == 1
+    traceparent = dict(records[0].headers)["traceparent"].decode()
+    _, trace_id, span_id, _ = traceparent.split("-")
+    assert (trace_id, span_id) == (inference["trace_id"], inference["span_id"])
+
+
+async def test_audit_rows_equal_the_records_of_the_whole_run(pipeline: Pipeline) -> None:
+    """Last in the module: every record any test put on any topic is one audit row."""
+    s = pipeline.settings
+    expected, end_offsets = await readable_records(s)
+    dsn = s.postgres_dsn
+
+    async def caught_up() -> bool:
+        coords, _ = await audit_coords(dsn)
+        return len(coords) >= len(expected)
+
+    await wait_for(caught_up, timeout=120, what="the audit sink to catch up")
+    await asyncio.sleep(2)  # nothing more may arrive
+    coords, duplicates = await audit_coords(dsn)
+    assert duplicates == 0
+    assert len(coords) == len(set(coords)) == len(expected)
+    assert set(coords) == expected
+    assert end_offsets >= len(expected) > 400
+    # The gateway's requests carry the client's IP into their audit rows.
+    conn = await asyncpg.connect(dsn)
+    try:
+        with_ip = await conn.fetch(
+            "SELECT topic, request_id, host(ip_address) AS ip FROM audit_log WHERE ip_address IS NOT NULL"
+        )
+        gateway_requests = await conn.fetch(
+            "SELECT request_id FROM audit_log "
+            "WHERE topic = $1 AND request_payload->'metadata'->>'api' = 'openai'",
+            s.topics.requests("chat"),
+        )
+    finally:
+        await conn.close()
+    assert len(gateway_requests) == 5, gateway_requests
+    by_request = {r["request_id"]: r["ip"] for r in with_ip}
+    assert all(by_request.get(r["request_id"]) == "127.0.0.1" for r in gateway_requests), with_ip
