@@ -2,8 +2,9 @@
 processor → enriched topic → inference worker → responses topic → ChatClient.
 
 The processors and the worker run as the `ragbus` processes a deployment runs, against a throwaway
-local broker; the sample documents are indexed first. Questions arrive open-loop (Poisson) at
-`--rps`, each timed by the client from send to answer. Every answer carries its stage timings, so
+local broker; the sample documents are indexed first. Then `--clients` clients (closed loop: each
+asks again as soon as it has its answer) keep the pipeline busy for `--seconds`, each question
+timed by the client from send to answer. Every answer carries its stage timings, so
 the end-to-end time splits into: retrieval queue, embedding, vector search, inference queue (micro-
 batch wait and the model being busy), generation, and the rest (Kafka hops, transactions, polling).
 
@@ -11,7 +12,7 @@ batch wait and the model being busy), generation, and the rest (Kafka hops, tran
 embedding and search count as overhead, since they are the pipeline's own work.
 
 Usage:
-    .venv/bin/python bench/e2e.py [--quick] [--rps R] [--seconds S] [--max-tokens T]
+    .venv/bin/python bench/e2e.py [--quick] [--clients N] [--seconds S] [--max-tokens T]
 """
 
 from __future__ import annotations
@@ -20,10 +21,7 @@ import argparse
 import asyncio
 import logging
 import os
-import random
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tqdm import tqdm
 
+from bench.components import ComponentProcess
 from infra.kafka.topics import declare_topics
 from infra.provision import kafka_service
 from infra.settings import Settings
@@ -90,53 +89,6 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-class Component:
-    """`ragbus <args>` as a child process, as a deployment runs it."""
-
-    def __init__(self, settings: Settings, args: list[str], log_path: Path) -> None:
-        self.settings, self.args, self.log_path = settings, args, log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        s = self.settings
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAGBUS_")}
-        env.update(
-            {
-                "RAGBUS_KAFKA_BOOTSTRAP": s.bootstrap,
-                "RAGBUS_TOPIC_PREFIX": s.topic_prefix,
-                "RAGBUS_HOME": str(s.home),
-                "RAGBUS_MILVUS_URI": s.milvus_target,
-                "RAGBUS_MILVUS_COLLECTION": s.milvus_collection,
-                "RAGBUS_INSTANCE_ID": f"{s.instance_id}-{self.args[0]}",
-                "RAGBUS_LOG_LEVEL": "WARNING",
-            }
-        )
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "infra.cli.main", *self.args],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.proc = None
-
-
 async def ask(
     client: ChatClient, question: str, max_tokens: int, out: list[Sample], errors: list[str]
 ) -> None:
@@ -164,22 +116,27 @@ async def warm_up(client: ChatClient, max_tokens: int) -> None:
 
 
 async def steady_load(s: Settings, args: argparse.Namespace) -> tuple[list[Sample], list[str], float]:
-    rng = random.Random(7)
+    """`--clients` clients, each asking its next question as soon as its last one is answered,
+    for `--seconds`: a steady load that never queues a question behind more than the other
+    clients' (so the split shows what the pipeline adds, not a backlog)."""
     samples: list[Sample] = []
     errors: list[str] = []
     async with ChatClient(s, remember=False) as client:
         await warm_up(client, args.max_tokens)
-        total = max(1, round(args.rps * args.seconds))
-        tasks = []
         started = time.perf_counter()
-        with tqdm(total=total, unit="q", desc=f"steady load at {args.rps} rps") as bar:
-            for i in range(total):
+        deadline = started + args.seconds
+        bar = tqdm(unit="q", desc=f"{args.clients} client(s) for {args.seconds:.0f} s")
+
+        async def one_client(n: int) -> None:
+            i = n
+            while time.perf_counter() < deadline:
                 question = f"{QUESTIONS[i % len(QUESTIONS)]} (ref {uuid.uuid4().hex[:6]})"
-                task = asyncio.create_task(ask(client, question, args.max_tokens, samples, errors))
-                task.add_done_callback(lambda _: bar.update(1))
-                tasks.append(task)
-                await asyncio.sleep(rng.expovariate(args.rps))
-            await asyncio.gather(*tasks)
+                await ask(client, question, args.max_tokens, samples, errors)
+                bar.update(1)
+                i += args.clients
+
+        await asyncio.gather(*(one_client(n) for n in range(args.clients)))
+        bar.close()
         elapsed = time.perf_counter() - started
     return samples, errors, elapsed
 
@@ -202,15 +159,15 @@ async def run(args: argparse.Namespace) -> None:
             )
             await declare_topics(s)
             parts = [
-                Component(s, ["processors", "run"], work / "processors.log"),
-                Component(s, ["worker", "run"], work / "worker.log"),
+                ComponentProcess(s, ["processors", "run"], work / "processors.log"),
+                ComponentProcess(s, ["worker", "run"], work / "worker.log"),
             ]
             for p in parts:
                 p.start()
             try:
                 jobs, _ = discover([ROOT / "producers" / "samples" / "docs"])
                 report = await ingest_files(s, jobs, tenant="bench", idle_timeout=300)
-                if not report.ok:
+                if len(report.indexed) != len(jobs):
                     raise SystemExit(f"ingesting the sample documents failed; see {work}/processors.log")
                 samples, errors, elapsed = await steady_load(s, args)
                 if not all(p.alive() for p in parts):
@@ -251,12 +208,12 @@ def report_results(samples: list[Sample], errors: list[str], elapsed: float) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="30 s of load instead of 180 s")
-    parser.add_argument("--rps", type=float, default=0.5, help="arrival rate, questions per second")
-    parser.add_argument("--seconds", type=float, help="how long the load lasts (default 180; --quick 30)")
+    parser.add_argument("--quick", action="store_true", help="60 s of load instead of 300 s")
+    parser.add_argument("--clients", type=int, default=1, help="concurrent clients (closed loop)")
+    parser.add_argument("--seconds", type=float, help="how long the load lasts (default 300; --quick 60)")
     parser.add_argument("--max-tokens", type=int, default=16, help="answer length cap")
     args = parser.parse_args()
-    args.seconds = args.seconds or (30.0 if args.quick else 180.0)
+    args.seconds = args.seconds or (60.0 if args.quick else 300.0)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(run(args))
 

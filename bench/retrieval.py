@@ -26,8 +26,6 @@ import asyncio
 import logging
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from aiokafka import TopicPartition
 from tqdm import tqdm
 
+from bench.components import ComponentProcess
 from infra.kafka.clients import make_consumer, make_producer
 from infra.kafka.codec import encode
 from infra.kafka.topics import declare_topics
@@ -183,48 +182,6 @@ def raw_pass(model, client, collection: str, texts: list[str], batch: int, top_k
     return len(texts) / (time.perf_counter() - started)
 
 
-class ProcessorProcess:
-    """`ragbus processors run` as a child process, as a deployment runs it."""
-
-    def __init__(self, settings: Settings, log_path: Path) -> None:
-        self.settings = settings
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        s = self.settings
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAGBUS_")}
-        env.update(
-            {
-                "RAGBUS_KAFKA_BOOTSTRAP": s.bootstrap,
-                "RAGBUS_TOPIC_PREFIX": s.topic_prefix,
-                "RAGBUS_HOME": str(s.home),
-                "RAGBUS_MILVUS_URI": s.milvus_target,
-                "RAGBUS_MILVUS_COLLECTION": s.milvus_collection,
-                "RAGBUS_INSTANCE_ID": s.instance_id,
-                "RAGBUS_LOG_LEVEL": "WARNING",
-            }
-        )
-        with open(self.log_path, "ab") as log_file:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "infra.cli.main", "processors", "run"],
-                env=env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        if self.proc.wait(timeout=120) != 0:
-            raise RuntimeError(f"the processors exited with {self.proc.returncode}; see {self.log_path}")
-        self.proc = None
-
-
 async def run(args: argparse.Namespace) -> None:
     rng = random.Random(42)
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
@@ -244,7 +201,7 @@ async def run(args: argparse.Namespace) -> None:
                 _env_file=None,  # type: ignore[call-arg]
             )
             await declare_topics(s)
-            processor = ProcessorProcess(s, work / "processors.log")
+            processor = ComponentProcess(s, ["processors", "run"], work / "processors.log")
             try:
                 processor_qps, raw_qps = await _bench(s, processor, model, args, rng)
             finally:
@@ -273,7 +230,7 @@ def raw_run(s: Settings, model, texts: list[str], *, warm_up: bool) -> float:  #
 
 
 async def _bench(  # type: ignore[no-untyped-def]
-    s: Settings, processor: ProcessorProcess, model, args: argparse.Namespace, rng: random.Random
+    s: Settings, processor: ComponentProcess, model, args: argparse.Namespace, rng: random.Random
 ) -> tuple[float, float]:
     # 1. the corpus, through docs.ingest (the first start includes loading the model)
     docs = corpus(args.docs, rng)

@@ -104,3 +104,21 @@ def spawn(args: list[str], settings: Settings, log_path: Any, **extra_env: str) 
         stdin=subprocess.DEVNULL,
         start_new_session=True,
     )
+
+
+async def run_ragbus(settings: Settings, *args: str, timeout: float = 300) -> tuple[int, str, str]:
+    """Run `ragbus <args>` as a child process without blocking the event loop: (code, out, err)."""
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "infra.cli.main",
+        *args,
+        env=env_for(settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

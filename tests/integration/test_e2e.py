@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from infra.provision import KafkaService, PostgresService, create_database
 from infra.settings import Settings
 from schemas import ChatResponse
 from tests.conftest import unique
-from tests.helpers import env_for, read_topic, spawn, wait_for
+from tests.helpers import read_topic, run_ragbus, spawn, wait_for
 from tests.integration.audit_support import audit_coords, readable_records
 
 SAMPLES = Path(__file__).resolve().parents[2] / "producers" / "samples"
@@ -55,21 +54,6 @@ class Pipeline:
             text = (self.logs / f"{name}.log").read_text(errors="replace")
             parts.append(f"--- {name} ---\n{text[-3000:]}")
         return "\n".join(parts)
-
-
-async def _ragbus(settings: Settings, *args: str, timeout: float = 300) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "infra.cli.main",
-        *args,
-        env=env_for(settings),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +105,7 @@ async def pipeline(
                 return False
 
         await wait_for(healthy, timeout=120, what="the gateway")
-        code, out, err = await _ragbus(s, "ingest", str(SAMPLES / "docs"), "--tenant", TENANT, "--json")
+        code, out, err = await run_ragbus(s, "ingest", str(SAMPLES / "docs"), "--tenant", TENANT, "--json")
         assert code == 0, f"{out}\n{err}\n{p.log_tail()}"
         assert json.loads(out)["indexed"] == 3
         yield p
@@ -288,7 +272,7 @@ async def test_bulk_job_interrupted_and_resumed_answers_each_line_once(
     before = len(out.read_text().splitlines())
     assert n // 2 <= before < n
 
-    code, _, err = await _ragbus(s, *args, timeout=400)
+    code, _, err = await run_ragbus(s, *args, timeout=400)
     assert code == 0, err
     assert f"resuming job {job}" in err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -296,7 +280,7 @@ async def test_bulk_job_interrupted_and_resumed_answers_each_line_once(
     assert len(rows) == n and len(set(ids)) == n, (len(rows), len(set(ids)))
     assert set(ids) == {f"q-{i:03d}" for i in range(n)}
     assert all(r["response"]["status_code"] == 200 and r["error"] is None for r in rows)
-    code, status, _ = await _ragbus(s, "bulk", "status", job, "--json")
+    code, status, _ = await run_ragbus(s, "bulk", "status", job, "--json")
     assert code == 0 and json.loads(status)[0]["answered"] == n
 
 

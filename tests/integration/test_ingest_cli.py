@@ -4,32 +4,14 @@ when no processor answers."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from pathlib import Path
 
 from infra.settings import Settings
-from tests.helpers import env_for
+from tests.helpers import run_ragbus
 from tests.integration.knowledge_corpus import GLOBEX_TXT, HANDBOOK_MD, IT_SECURITY_HTML, ROUTER_FAQ_PAGES
 from tests.integration.knowledge_support import running_processors
 from tests.pdfgen import make_pdf
-
-
-async def ragbus(settings: Settings, *args: str) -> tuple[int, str, str]:
-    """Run `ragbus <args>` as a child process without blocking this event loop."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "infra.cli.main",
-        *args,
-        env=env_for(settings),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 300)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 def write_folder(root: Path) -> Path:
@@ -49,7 +31,7 @@ def write_folder(root: Path) -> Path:
 async def test_ingest_a_folder_and_wait_for_every_result(settings: Settings, tmp_path: Path) -> None:
     docs = write_folder(tmp_path)
     async with running_processors(settings) as processors:
-        code, out, err = await ragbus(
+        code, out, err = await run_ragbus(
             settings, "ingest", str(docs), "--tenant", "acme", "--json", "--timeout", "90"
         )
         assert code == 1, err  # one file failed; the others went through
@@ -67,7 +49,7 @@ async def test_ingest_a_folder_and_wait_for_every_result(settings: Settings, tmp
         assert chunks["broken.pdf"] == 0
 
         # Again, with the progress bar and the summary table: the same documents are replaced.
-        code, out, err = await ragbus(
+        code, out, err = await run_ragbus(
             settings, "ingest", str(docs / "it"), str(docs / "handbook.md"), "-t", "acme"
         )
         assert code == 0, err
@@ -76,7 +58,7 @@ async def test_ingest_a_folder_and_wait_for_every_result(settings: Settings, tmp
         assert await store.call(store.count, "acme", "security.html") == chunks["it/security.html"]
         assert await store.call(store.count, "acme") == sum(chunks.values()) + chunks["it/security.html"]
 
-        code, out, err = await ragbus(settings, "ingest", "--delete", "router.pdf", "-t", "acme")
+        code, out, err = await run_ragbus(settings, "ingest", "--delete", "router.pdf", "-t", "acme")
         assert code == 0 and "deleted router.pdf" in out, err
         assert await store.call(store.count, "acme", "router.pdf") == 0
 
@@ -84,6 +66,6 @@ async def test_ingest_a_folder_and_wait_for_every_result(settings: Settings, tmp
 async def test_ingest_says_so_when_no_processor_answers(settings: Settings, tmp_path: Path) -> None:
     doc = tmp_path / "note.md"
     doc.write_text("# Note\n\nNobody will index this.")
-    code, _, err = await ragbus(settings, "ingest", str(doc), "--tenant", "acme", "--timeout", "3")
+    code, _, err = await run_ragbus(settings, "ingest", str(doc), "--tenant", "acme", "--timeout", "3")
     assert code == 3
     assert "no IngestResult for 1 document" in err and "processors running" in err

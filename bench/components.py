@@ -1,0 +1,61 @@
+"""A ragbus component (`ragbus <args>`) as a child process of a benchmark, as a deployment runs it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from infra.settings import Settings
+
+
+class ComponentProcess:
+    def __init__(self, settings: Settings, args: list[str], log_path: Path) -> None:
+        self.settings, self.args, self.log_path = settings, args, log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        s = self.settings
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAGBUS_")}
+        env.update(
+            {
+                "RAGBUS_KAFKA_BOOTSTRAP": s.bootstrap,
+                "RAGBUS_TOPIC_PREFIX": s.topic_prefix,
+                "RAGBUS_HOME": str(s.home),
+                "RAGBUS_MILVUS_URI": s.milvus_target,
+                "RAGBUS_MILVUS_COLLECTION": s.milvus_collection,
+                "RAGBUS_INSTANCE_ID": f"{s.instance_id}-{self.args[0]}",
+                "RAGBUS_LOG_LEVEL": "WARNING",
+            }
+        )
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "infra.cli.main", *self.args],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        """SIGTERM (the component finishes and commits its batch), then wait; raises when it did
+        not exit cleanly."""
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise RuntimeError(f"`ragbus {' '.join(self.args)}` did not stop; see {self.log_path}") from None
+        if code != 0:
+            raise RuntimeError(f"`ragbus {' '.join(self.args)}` exited with {code}; see {self.log_path}")
