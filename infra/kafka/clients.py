@@ -81,6 +81,10 @@ def make_producer(
         # The transaction spans only the publish of finished results, never model work, so a
         # short timeout lets the coordinator abort a crashed process's transaction quickly.
         kw["transaction_timeout_ms"] = 15_000
+        # The coordinator answers CONCURRENT_TRANSACTIONS while the previous commit's markers are
+        # still being written (KAFKA-5477); aiokafka then waits retry_backoff_ms (100 ms) before
+        # adding the consumer offsets. 20 ms, as the Java client uses for that case.
+        kw["retry_backoff_ms"] = 20
     kw.update(overrides)
     return AIOKafkaProducer(**kw)
 
