@@ -1,4 +1,5 @@
-"""A ragbus component (`ragbus <args>`) as a child process of a benchmark, as a deployment runs it."""
+"""What the benchmarks share: settings for a throwaway deployment, and a ragbus component
+(`ragbus <args>`) as a child process, as a deployment runs it."""
 
 from __future__ import annotations
 
@@ -6,9 +7,24 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 from infra.settings import Settings
+
+
+def bench_settings(bootstrap: str, work: Path) -> Settings:
+    """A fresh topic prefix, home and Milvus Lite file under `work`, on the broker at `bootstrap`."""
+    prefix = f"bench{uuid.uuid4().hex[:8]}"
+    return Settings(
+        kafka_bootstrap=bootstrap,
+        topic_prefix=prefix,
+        home=work / "home",
+        milvus_uri=str(work / "milvus.db"),
+        milvus_collection=f"c_{prefix}",
+        instance_id=prefix,
+        _env_file=None,  # type: ignore[call-arg]
+    )
 
 
 class ComponentProcess:

@@ -36,7 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tqdm import tqdm
 
-from bench.components import ComponentProcess
+from bench.components import ComponentProcess, bench_settings
 from infra.kafka.topics import declare_topics
 from infra.provision import kafka_service
 from infra.settings import Settings
@@ -147,16 +147,7 @@ async def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="ragbus-bench-e2e-") as tmp:
         work = Path(tmp)
         with kafka_service(work / "kafka", cache=CACHE, version=defaults.kafka_version) as kafka:
-            prefix = f"bench{uuid.uuid4().hex[:8]}"
-            s = Settings(
-                kafka_bootstrap=kafka.bootstrap,
-                topic_prefix=prefix,
-                home=work / "home",
-                milvus_uri=str(work / "milvus.db"),
-                milvus_collection=f"c_{prefix}",
-                instance_id=prefix,
-                _env_file=None,  # type: ignore[call-arg]
-            )
+            s = bench_settings(kafka.bootstrap, work)
             await declare_topics(s)
             parts = [
                 ComponentProcess(s, ["processors", "run"], work / "processors.log"),

@@ -29,7 +29,6 @@ import random
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,7 +39,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from aiokafka import TopicPartition
 from tqdm import tqdm
 
-from bench.components import ComponentProcess
+from bench.components import ComponentProcess, bench_settings
 from infra.kafka.clients import make_consumer, make_producer
 from infra.kafka.codec import encode
 from infra.kafka.topics import declare_topics
@@ -190,16 +189,7 @@ async def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="ragbus-bench-") as tmp:
         work = Path(tmp)
         with kafka_service(work / "kafka", cache=CACHE, version=defaults.kafka_version) as kafka:
-            prefix = f"bench{uuid.uuid4().hex[:8]}"
-            s = Settings(
-                kafka_bootstrap=kafka.bootstrap,
-                topic_prefix=prefix,
-                home=work / "home",
-                milvus_uri=str(work / "milvus.db"),
-                milvus_collection=f"c_{prefix}",
-                instance_id=prefix,
-                _env_file=None,  # type: ignore[call-arg]
-            )
+            s = bench_settings(kafka.bootstrap, work)
             await declare_topics(s)
             processor = ComponentProcess(s, ["processors", "run"], work / "processors.log")
             try:

@@ -255,9 +255,11 @@ class InferenceWorker:
         self.stats.batch_sizes.append(len(items))
         if spans:
             outputs = [_traced(out, spans) for out in outputs]
-        await self._commit(outputs, next_offsets([p.record for p in items]))
-        for span in spans.values():
-            span.end()
+        try:
+            await self._commit(outputs, next_offsets([p.record for p in items]))
+        finally:
+            for span in spans.values():
+                span.end()
         self.stats.batches += 1
         lanes = {lane: sum(1 for p in items if p.lane == lane) for lane in LANES}
         log.info(
