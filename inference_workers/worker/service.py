@@ -39,7 +39,7 @@ from inference_workers.worker.intake import Intake, Pending, Rebalance
 from infra.kafka.clients import make_consumer, make_producer, transactional_id
 from infra.kafka.codec import Encoded, encode
 from infra.kafka.dlq import encode_dead_letter, rejection_response
-from infra.kafka.stage import next_offsets
+from infra.kafka.stage import next_offsets, rewind_to_committed
 from infra.settings import Settings
 from infra.telemetry import reinject_headers, start_span_from_headers, tracing_enabled
 from schemas import LANES, ErrorCode, TokenChunk, spec_for_topic
@@ -475,15 +475,7 @@ class InferenceWorker:
     async def _rewind(self, partitions: list[TopicPartition]) -> None:
         assert self._consumer is not None and self.intake is not None
         self.intake.drop(partitions)
-        assigned = self._consumer.assignment()
-        for tp in partitions:
-            if tp not in assigned:
-                continue
-            committed = await self._consumer.committed(tp)
-            if committed is None:
-                await self._consumer.seek_to_beginning(tp)
-            else:
-                self._consumer.seek(tp, committed)
+        await rewind_to_committed(self._consumer, partitions)
 
 
 #: The index of the closing TokenChunk (after every text chunk of an answer).

@@ -46,6 +46,13 @@ def encode_dead_letter(record: RecordLike, error: BaseException, *, stage: str) 
     return dlq_name(record.topic), encode(letter, key=key)
 
 
+def rejection_reason(error: BaseException) -> str:
+    """`(<error class>): <message>`: why a requester's bytes were rejected, as they are told."""
+    if isinstance(error, DecodeError):
+        return f"({error.error_class}): {error.message}"
+    return f"(processing): {error}"
+
+
 def rejection_response(
     record: RecordLike, error: BaseException, *, topics: Topics, code: ErrorCode = ErrorCode.INVALID_REQUEST
 ) -> tuple[str, Encoded] | None:
@@ -55,8 +62,6 @@ def rejection_response(
     if "request_id" not in env or "tenant_id" not in env:
         return None
     lane: Any = env.get("lane", "bulk" if ".bulk." in record.topic else "chat")
-    reason = error.message if isinstance(error, DecodeError) else str(error)
-    kind = error.error_class if isinstance(error, DecodeError) else "processing"
     try:
         response = ChatResponse(
             request_id=env["request_id"],
@@ -64,7 +69,7 @@ def rejection_response(
             user_id=env.get("user_id", "anonymous"),
             lane=lane,
             finish_reason="error",
-            error=ErrorInfo(code=code, message=f"the request was rejected ({kind}): {reason}"[:2000]),
+            error=ErrorInfo(code=code, message=f"the request was rejected {rejection_reason(error)}"[:2000]),
             job_id=env.get("job_id"),
             custom_id=env.get("custom_id"),
             conversation_id=env.get("conversation_id"),

@@ -206,15 +206,21 @@ class TransactionalStage(Generic[E]):
 
     async def _rewind(self, partitions: list[TopicPartition]) -> None:
         assert self._consumer is not None
-        assigned = self._consumer.assignment()
-        for tp in partitions:
-            if tp not in assigned:
-                continue
-            committed = await self._consumer.committed(tp)
-            if committed is None:
-                await self._consumer.seek_to_beginning(tp)
-            else:
-                self._consumer.seek(tp, committed)
+        await rewind_to_committed(self._consumer, partitions)
+
+
+async def rewind_to_committed(consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
+    """Seek each still-assigned partition back to its committed offset (the beginning when none):
+    after an aborted transaction, its records are consumed and processed again."""
+    assigned = consumer.assignment()
+    for tp in partitions:
+        if tp not in assigned:
+            continue
+        committed = await consumer.committed(tp)
+        if committed is None:
+            await consumer.seek_to_beginning(tp)
+        else:
+            consumer.seek(tp, committed)
 
 
 class _Default:

@@ -17,7 +17,8 @@ from typing import Literal
 
 import numpy as np
 
-from infra.kafka.codec import DecodeError, Encoded, encode, salvage_envelope
+from infra.kafka.codec import Encoded, encode, salvage_envelope
+from infra.kafka.dlq import rejection_reason
 from infra.settings import Settings
 from processors.chunking import Chunk, Chunker
 from processors.embedding import Embedder, Priority
@@ -216,8 +217,6 @@ def _salvage_result(record: RecordView, error: BaseException) -> Encoded | None:
     doc_id, op = _doc_fields(record.value)
     if "request_id" not in env or "tenant_id" not in env or doc_id is None:
         return None
-    reason = error.message if isinstance(error, DecodeError) else str(error)
-    kind = error.error_class if isinstance(error, DecodeError) else "processing"
     try:
         result = IngestResult(
             request_id=env["request_id"],
@@ -227,7 +226,8 @@ def _salvage_result(record: RecordView, error: BaseException) -> Encoded | None:
             op=op,
             status="error",
             error=ErrorInfo(
-                code=ErrorCode.INVALID_REQUEST, message=f"the document was rejected ({kind}): {reason}"[:2000]
+                code=ErrorCode.INVALID_REQUEST,
+                message=f"the document was rejected {rejection_reason(error)}"[:2000],
             ),
         )
     except ValueError:
