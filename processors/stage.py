@@ -107,7 +107,7 @@ class BatchStage(ABC, Generic[E]):
             if batch.valid:
                 try:
                     batch.prepared = await self.prepare([item for _, item in batch.valid])
-                except Exception as err:  # a bug in the stage: the batch's events are dead-lettered
+                except Exception as err:  # redone event by event in `_finish`
                     log.exception("%s: preparing a batch of %d failed", self.name, len(batch.valid))
                     batch.failed = err
             if self._tail is not None:
@@ -152,15 +152,21 @@ class BatchStage(ABC, Generic[E]):
             items = [item for _, item in batch.valid]
             results: list[Result]
             if batch.failed is not None:
-                results = [batch.failed] * len(items)
+                results = await self._one_by_one(items, batch.failed)
             else:
                 try:
                     results = await self.finish(items, batch.prepared)
-                except Exception as err:  # a bug in the stage: the batch's events are dead-lettered
+                except Exception as err:
                     log.exception("%s: finishing a batch of %d failed", self.name, len(items))
-                    results = [err] * len(items)
+                    results = await self._one_by_one(items, err)
             if len(results) != len(items):
-                raise RuntimeError(f"{self.name}: {len(results)} results for {len(items)} events")
+                log.error(
+                    "%s: %d results for %d events; redoing them one by one",
+                    self.name,
+                    len(results),
+                    len(items),
+                )
+                results = await self._one_by_one(items, RuntimeError("the stage lost track of this event"))
             for (i, item), result in zip(batch.valid, results, strict=True):
                 if isinstance(result, BaseException):
                     batch.outputs[i] = self._give_up(item.record, result, item.event)
@@ -172,7 +178,24 @@ class BatchStage(ABC, Generic[E]):
             await self._previous  # raises PublishError when the commit failed
         self._previous = self.publisher.submit(list(zip(batch.records, batch.outputs, strict=True)))
 
+    async def _one_by_one(self, items: list[Incoming[E]], error: BaseException) -> list[Result]:
+        """After a whole batch failed: each event alone, so that only the event that causes the
+        failure is dead-lettered (with its own error) and the rest of the batch is answered."""
+        if len(items) == 1:
+            return [error]
+        results: list[Result] = []
+        for item in items:
+            try:
+                prepared = await self.prepare([item])
+                (result,) = await self.finish([item], prepared)
+            except Exception as err:  # noqa: BLE001 - this event's own failure: dead-lettered
+                result = err
+            results.append(result)
+        return results
+
     def _give_up(self, record: RecordView, error: BaseException, event: E | None) -> list[Output]:
+        """The stage's dead letter and reply for `record`; never raises (a record must not be able
+        to stop the partition): should the stage's reply fail, the plain dead letter goes alone."""
         self.counters.dead_letters += 1
         log.warning(
             "%s: %s/%d@%d to the DLQ: %s",
@@ -182,4 +205,10 @@ class BatchStage(ABC, Generic[E]):
             record.offset,
             error if isinstance(error, DecodeError) else f"{type(error).__name__}: {error}",
         )
-        return self.reject(record, error, event)
+        try:
+            return self.reject(record, error, event)
+        except Exception:
+            log.exception(
+                "%s: no reply for %s/%d@%d", self.name, record.topic, record.partition, record.offset
+            )
+            return [self.dead_letter(record, error)]

@@ -3,6 +3,7 @@
 Non-Python producers use the JSON Schema files in `schemas/json/` (`ragbus schemas export`).
 """
 
+from schemas import limits
 from schemas.base import (
     LANES,
     SCHEMA_VERSION,
@@ -65,6 +66,7 @@ __all__ = [
     "Usage",
     "dlq_name",
     "event_model",
+    "limits",
     "new_id",
     "spec_for_topic",
     "utcnow",

@@ -19,6 +19,8 @@ from pydantic import (
     WithJsonSchema,
 )
 
+from schemas import limits
+
 SCHEMA_VERSION = 1
 
 Lane = Literal["chat", "bulk"]
@@ -70,7 +72,10 @@ class ErrorInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     code: ErrorCode
-    message: str = Field(description="Human-readable explanation, safe to show to the requester.")
+    message: str = Field(
+        max_length=limits.ERROR_MESSAGE_MAX,
+        description="Human-readable explanation, safe to show to the requester.",
+    )
 
 
 class EventBase(BaseModel):
@@ -86,10 +91,10 @@ class EventBase(BaseModel):
     event_type: ClassVar[str] = "event"
 
     schema_version: int = Field(default=SCHEMA_VERSION, ge=1)
-    event_id: str = Field(default_factory=new_id, min_length=1, max_length=64)
-    request_id: str = Field(default_factory=new_id, min_length=1, max_length=128)
-    tenant_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$")
-    user_id: str = Field(default="anonymous", min_length=1, max_length=256)
+    event_id: str = Field(default_factory=new_id, min_length=1, max_length=limits.EVENT_ID_MAX)
+    request_id: str = Field(default_factory=new_id, min_length=1, max_length=limits.REQUEST_ID_MAX)
+    tenant_id: str = Field(min_length=1, max_length=limits.TENANT_ID_MAX, pattern=limits.TENANT_ID_PATTERN)
+    user_id: str = Field(default="anonymous", min_length=1, max_length=limits.USER_ID_MAX)
     lane: Lane = "chat"
     created_at: AwareDatetime = Field(default_factory=utcnow)
     deadline: AwareDatetime | None = Field(

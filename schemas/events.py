@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, model_validator
 
+from schemas import limits
 from schemas.base import B64Bytes, ErrorInfo, EventBase
 
 Role = Literal["system", "user", "assistant"]
-MetadataValue = str | int | float | bool
+MetadataValue = Annotated[str, Field(max_length=limits.METADATA_VALUE_MAX)] | int | float | bool
+#: Free-form metadata: bounded in keys, key length and string values.
+Metadata = Annotated[
+    dict[Annotated[str, Field(max_length=limits.METADATA_KEY_MAX)], MetadataValue],
+    Field(max_length=limits.METADATA_KEYS_MAX),
+]
 
 
 class _Part(BaseModel):
@@ -18,7 +24,7 @@ class _Part(BaseModel):
 
 class ChatMessage(_Part):
     role: Role
-    content: str = Field(max_length=100_000)
+    content: str = Field(max_length=limits.MESSAGE_CONTENT_MAX)
 
 
 class SamplingParams(_Part):
@@ -26,7 +32,9 @@ class SamplingParams(_Part):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
-    stop: list[str] = Field(default_factory=list, max_length=8)
+    stop: list[Annotated[str, Field(max_length=limits.STOP_SEQUENCE_MAX)]] = Field(
+        default_factory=list, max_length=limits.STOP_SEQUENCES_MAX
+    )
 
 
 class RetrievalOptions(_Part):
@@ -80,18 +88,26 @@ class ChatRequest(EventBase):
 
     event_type: ClassVar[str] = "chat.request"
 
-    question: str = Field(min_length=1, max_length=32_000)
-    history: list[ChatMessage] = Field(default_factory=list, max_length=200)
-    system_prompt: str | None = Field(default=None, max_length=16_000)
-    conversation_id: str | None = Field(default=None, max_length=128)
-    model: str | None = Field(default=None, description="A served model name; None: the route table picks.")
+    question: str = Field(min_length=1, max_length=limits.QUESTION_MAX)
+    history: list[ChatMessage] = Field(default_factory=list, max_length=limits.HISTORY_MAX)
+    system_prompt: str | None = Field(default=None, max_length=limits.SYSTEM_PROMPT_MAX)
+    conversation_id: str | None = Field(default=None, max_length=limits.CONVERSATION_ID_MAX)
+    model: str | None = Field(
+        default=None,
+        max_length=limits.MODEL_NAME_MAX,
+        description="A served model name; None: the route table picks.",
+    )
     stream: bool = Field(default=False, description="Also publish TokenChunk events as tokens arrive.")
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     retrieval: RetrievalOptions = Field(default_factory=RetrievalOptions)
-    job_id: str | None = Field(default=None, max_length=128, description="Bulk job this request belongs to.")
-    custom_id: str | None = Field(default=None, max_length=256, description="Caller's id inside a bulk job.")
+    job_id: str | None = Field(
+        default=None, max_length=limits.JOB_ID_MAX, description="Bulk job this request belongs to."
+    )
+    custom_id: str | None = Field(
+        default=None, max_length=limits.CUSTOM_ID_MAX, description="Caller's id inside a bulk job."
+    )
     client_ip: IPvAnyAddress | None = None
-    metadata: dict[str, MetadataValue] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class EnrichedRequest(EventBase):
@@ -146,14 +162,14 @@ class DocumentIngest(EventBase):
 
     event_type: ClassVar[str] = "docs.ingest"
 
-    doc_id: str = Field(min_length=1, max_length=256)
+    doc_id: str = Field(min_length=1, max_length=limits.DOC_ID_MAX)
     op: Literal["upsert", "delete"] = "upsert"
     content_type: ContentType = "text/plain"
     text: str | None = Field(default=None, description="The document as text (plain, Markdown, HTML).")
     data: B64Bytes | None = Field(default=None, description="Binary document (PDF), base64 in JSON.")
-    source: str | None = Field(default=None, max_length=2048, description="File name or URI.")
-    title: str | None = Field(default=None, max_length=1024)
-    metadata: dict[str, MetadataValue] = Field(default_factory=dict)
+    source: str | None = Field(default=None, max_length=limits.SOURCE_MAX, description="File name or URI.")
+    title: str | None = Field(default=None, max_length=limits.TITLE_MAX)
+    metadata: Metadata = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _has_content(self) -> DocumentIngest:
@@ -195,8 +211,9 @@ class DeadLetter(EventBase):
 
     event_type: ClassVar[str] = "dead_letter"
 
-    # The original may not have parsed, so the envelope is best-effort here.
-    tenant_id: str = Field(default="unknown", min_length=1, max_length=128)
+    # The original may not have parsed, so the envelope is best-effort here: salvaged fields are
+    # cut to the contract's limits (ending in `schemas.limits.CUT_MARK` when cut), never refused.
+    tenant_id: str = Field(default="unknown", min_length=1, max_length=limits.TENANT_ID_MAX)
 
     source_topic: str
     source_partition: int = Field(ge=0)
@@ -204,9 +221,16 @@ class DeadLetter(EventBase):
     source_timestamp_ms: int | None = None
     original_key: B64Bytes | None = None
     original_value: B64Bytes | None = None
+    original_size: int | None = Field(default=None, ge=0, description="Bytes of the original value.")
+    original_truncated: bool = Field(
+        default=False,
+        description="The echoed key, value or headers are cut (see `schemas.limits`); sizes are exact.",
+    )
     original_headers: list[KafkaHeader] = Field(default_factory=list)
     error_class: str = Field(
-        description="E.g. not_json, invalid_utf8, schema_validation, too_large, processing."
+        max_length=limits.ERROR_CLASS_MAX,
+        description="Why: a decode class (empty, too_large, invalid_utf8, not_json, wrong_event_type, "
+        "unsupported_version, schema_validation) or a processing class (see the README's Dead letters).",
     )
-    error_message: str
+    error_message: str = Field(max_length=limits.ERROR_MESSAGE_MAX)
     stage: str = Field(description="The consumer group or component that gave up on the message.")

@@ -238,7 +238,7 @@ class InferenceWorker:
         outputs: list[Output] = []
         jobs: dict[str, list[_Job]] = {}
         engines: dict[str, Engine] = {}
-        prepared = await asyncio.gather(*(self._prepare(p, started) for p in items))
+        prepared = await asyncio.gather(*(self._prepare_one(p, started) for p in items))
         for prep in prepared:
             if isinstance(prep, _Job):
                 jobs.setdefault(prep.model, []).append(prep)
@@ -284,6 +284,37 @@ class InferenceWorker:
                     **{"ragbus.request_id": p.event.request_id, "ragbus.lane": p.lane},
                 )
         return spans
+
+    async def _prepare_one(self, item: Pending, started: float) -> _Job | list[Output]:
+        """`_prepare`, with any failure confined to this request: dead letter plus an error reply,
+        the rest of the batch goes on."""
+        try:
+            return await self._prepare(item, started)
+        except Exception as e:
+            log.exception(
+                "preparing %s/%d@%d failed", item.record.topic, item.record.partition, item.record.offset
+            )
+            return self._failed(item, e, "the request could not be prepared")
+
+    def _failed(self, item: Pending, err: BaseException, what: str, model: str | None = None) -> list[Output]:
+        """Dead letter plus an `engine_error` reply for a valid request whose handling failed; the
+        reply names the error class only (its text is in the dead letter and the log)."""
+        self.stats.errors += 1
+        out = self._dead_letter(item, err, respond_too=item.event is None)
+        if item.event is not None:
+            try:
+                out.append(
+                    respond.error(
+                        item.event,
+                        topics=self.topics,
+                        code=ErrorCode.ENGINE_ERROR,
+                        message=f"{what} ({type(err).__name__})",
+                        model=model,
+                    )
+                )
+            except Exception:
+                log.exception("no error reply for %s", item.event.request_id)
+        return out
 
     async def _prepare(self, item: Pending, started: float) -> _Job | list[Output]:
         """Everything short of generation: reject, expire, route, build the prompt, hit the cache."""
@@ -339,12 +370,7 @@ class InferenceWorker:
             ]
         except Exception as e:
             log.exception("prompt for %s failed", ev.request_id)
-            return [
-                *self._dead_letter(item, e, respond_too=False),
-                respond.error(
-                    ev, topics=topics, code=ErrorCode.ENGINE_ERROR, message=f"prompt failed: {e}", model=name
-                ),
-            ]
+            return self._failed(item, e, "the prompt could not be built", model=name)
         sampling = ev.request.sampling
         key = None
         if self.cache.enabled and cacheable(sampling):
@@ -377,59 +403,83 @@ class InferenceWorker:
 
     async def _generate(self, engine: Engine, jobs: list[_Job], started: float) -> list[Output]:
         t0 = time.perf_counter()
-        try:
-            async with self.router.using(engine):
-                completions = await engine.generate([j.generation for j in jobs])
-        except Exception as e:
-            log.exception("%s: generation failed for a batch of %d", engine.name, len(jobs))
-            completions = [Completion(finish_reason="error", error=f"{type(e).__name__}: {e}")] * len(jobs)
+        completions = await self._complete(engine, jobs)
         gen_ms = (time.perf_counter() - t0) * 1000
         out: list[Output] = []
         for job, done in zip(jobs, completions, strict=True):
-            ev = job.pending.event
-            assert ev is not None
-            queue_ms = _queue_ms(job.pending, started)
-            if job.generation.on_token is not None:
-                self._token_queue.put_nowait(
-                    TokenChunk(**ev.envelope(), index=_FINAL_INDEX, text="", final=True, model=job.model)  # type: ignore[arg-type]
-                )
-            if done.error is not None:
-                self.stats.errors += 1
-                out.extend(self._dead_letter(job.pending, RuntimeError(done.error), respond_too=False))
-                out.append(
-                    respond.error(
-                        ev,
-                        topics=self.topics,
-                        code=ErrorCode.ENGINE_ERROR,
-                        message=f"the model failed: {done.error}",
-                        model=job.model,
-                        queue_ms=queue_ms,
-                        generate_ms=gen_ms,
-                    )
-                )
-                continue
-            self.stats.answered += 1
-            text = done.text.strip()
-            if job.key is not None:
-                await self.cache.put(
-                    job.key,
-                    CachedAnswer(text, done.prompt_tokens, done.completion_tokens, done.finish_reason),
-                )
+            try:
+                out.extend(await self._respond(job, done, started, gen_ms))
+            except Exception as e:
+                log.exception("answering %s failed", job.generation.request_id)
+                out.extend(self._failed(job.pending, e, "the answer could not be published", model=job.model))
+        return out
+
+    async def _complete(self, engine: Engine, jobs: list[_Job]) -> list[Completion]:
+        """The engine's completions for `jobs`; when the batch fails, each job alone, so that a
+        request that breaks the engine fails alone and the others are answered."""
+        try:
+            async with self.router.using(engine):
+                completions = list(await engine.generate([j.generation for j in jobs]))
+            if len(completions) == len(jobs):
+                return completions
+            error: BaseException = RuntimeError(f"{len(completions)} completions for {len(jobs)} prompts")
+        except Exception as e:  # noqa: BLE001 - isolated below
+            error = e
+        log.error("%s: generation failed for a batch of %d: %r", engine.name, len(jobs), error)
+        if len(jobs) == 1:
+            return [Completion(finish_reason="error", error=f"{type(error).__name__}: {error}")]
+        singles: list[Completion] = []
+        for job in jobs:
+            singles.extend(await self._complete(engine, [job]))
+        return singles
+
+    async def _respond(self, job: _Job, done: Completion, started: float, gen_ms: float) -> list[Output]:
+        """The response (or error reply and dead letter) for one finished generation."""
+        out: list[Output] = []
+        ev = job.pending.event
+        assert ev is not None
+        queue_ms = _queue_ms(job.pending, started)
+        if job.generation.on_token is not None:
+            self._token_queue.put_nowait(
+                TokenChunk(**ev.envelope(), index=_FINAL_INDEX, text="", final=True, model=job.model)  # type: ignore[arg-type]
+            )
+        if done.error is not None:
+            self.stats.errors += 1
+            out.extend(self._dead_letter(job.pending, RuntimeError(done.error), respond_too=False))
             out.append(
-                respond.answer(
+                respond.error(
                     ev,
                     topics=self.topics,
+                    code=ErrorCode.ENGINE_ERROR,
+                    message=f"the model failed: {done.error}",
                     model=job.model,
-                    text=text,
-                    citations=citations_for(text, job.prompt.chunks),
-                    prompt_tokens=done.prompt_tokens,
-                    completion_tokens=done.completion_tokens,
-                    finish_reason=done.finish_reason,
-                    cached=False,
                     queue_ms=queue_ms,
                     generate_ms=gen_ms,
                 )
             )
+            return out
+        self.stats.answered += 1
+        text = done.text.strip()
+        if job.key is not None:
+            await self.cache.put(
+                job.key,
+                CachedAnswer(text, done.prompt_tokens, done.completion_tokens, done.finish_reason),
+            )
+        out.append(
+            respond.answer(
+                ev,
+                topics=self.topics,
+                model=job.model,
+                text=text,
+                citations=citations_for(text, job.prompt.chunks),
+                prompt_tokens=done.prompt_tokens,
+                completion_tokens=done.completion_tokens,
+                finish_reason=done.finish_reason,
+                cached=False,
+                queue_ms=queue_ms,
+                generate_ms=gen_ms,
+            )
+        )
         return out
 
     def _streamer(self, ev: Any) -> Any:

@@ -123,8 +123,10 @@ def decode_record(record: RecordLike, model: type[E], *, max_bytes: int) -> E:
 
 
 def salvage_envelope(value: bytes | None) -> dict[str, str]:
-    """Best-effort envelope (request_id, tenant_id, user_id, lane) of bytes that failed to decode,
-    so the requester can still be told why. Empty when nothing usable is there."""
+    """Best-effort envelope (request_id, tenant_id, user_id, lane, ...) of bytes that failed to
+    decode, so the requester can still be told why. Empty when nothing usable is there. Values are
+    whatever strings the bytes hold, of any length: callers cut them to `schemas.limits` (a dead
+    letter) or check them against it (`infra.kafka.dlq.routable`)."""
     if not value or len(value) > 64 * 1024 * 1024:
         return {}
     try:
@@ -136,7 +138,7 @@ def salvage_envelope(value: bytes | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for name in ("request_id", "tenant_id", "user_id", "job_id", "custom_id", "conversation_id"):
         v = obj.get(name)
-        if isinstance(v, str) and 0 < len(v) <= 256:
+        if isinstance(v, str) and v:
             out[name] = v
     if obj.get("lane") in ("chat", "bulk"):
         out["lane"] = obj["lane"]

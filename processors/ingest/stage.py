@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 
 from infra.kafka.codec import Encoded, encode, salvage_envelope
-from infra.kafka.dlq import rejection_reason
+from infra.kafka.dlq import rejection_reason, routable
 from infra.settings import Settings
 from processors.chunking import Chunk, Chunker
 from processors.embedding import Embedder, Priority
@@ -27,7 +27,7 @@ from processors.publisher import Output, TransactionalPublisher
 from processors.records import RecordView
 from processors.stage import BatchStage, Incoming, Result
 from processors.store import ChunkRow, ChunkStore, DocumentMeta
-from schemas import DocumentIngest, ErrorCode, ErrorInfo, IngestResult
+from schemas import DocumentIngest, ErrorCode, ErrorInfo, IngestResult, limits
 from schemas.events import IngestTimings
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,9 @@ class IngestStage(BatchStage[DocumentIngest]):
     def reject(self, record: RecordView, error: BaseException, event: DocumentIngest | None) -> list[Output]:
         out = [self.dead_letter(record, error)]
         if event is not None:
-            info = ErrorInfo(code=ErrorCode.INGEST_ERROR, message=str(error)[:2000] or type(error).__name__)
+            info = ErrorInfo(
+                code=ErrorCode.INGEST_ERROR, message=limits.cut(str(error), 2000) or type(error).__name__
+            )
             out.append(self._result(event, "error", 0, IngestTimings(), time.perf_counter(), info))
             return out
         salvaged = _salvage_result(record, error)
@@ -215,7 +217,7 @@ def _salvage_result(record: RecordView, error: BaseException) -> Encoded | None:
     """An error IngestResult for an undecodable DocumentIngest whose bytes still name one."""
     env = salvage_envelope(record.value)
     doc_id, op = _doc_fields(record.value)
-    if "request_id" not in env or "tenant_id" not in env or doc_id is None:
+    if not routable(env) or doc_id is None:
         return None
     try:
         result = IngestResult(
@@ -227,7 +229,7 @@ def _salvage_result(record: RecordView, error: BaseException) -> Encoded | None:
             status="error",
             error=ErrorInfo(
                 code=ErrorCode.INVALID_REQUEST,
-                message=f"the document was rejected {rejection_reason(error)}"[:2000],
+                message=limits.cut(f"the document was rejected {rejection_reason(error)}", 2000),
             ),
         )
     except ValueError:
@@ -247,7 +249,7 @@ def _doc_fields(value: bytes | None) -> tuple[str | None, Literal["upsert", "del
         return None, "upsert"
     doc_id = obj.get("doc_id")
     op: Literal["upsert", "delete"] = "delete" if obj.get("op") == "delete" else "upsert"
-    return (doc_id if isinstance(doc_id, str) and 0 < len(doc_id) <= 256 else None), op
+    return (doc_id if isinstance(doc_id, str) and 0 < len(doc_id) <= limits.DOC_ID_MAX else None), op
 
 
 def _ms(since: float) -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -24,16 +23,14 @@ import asyncpg
 import httpx
 import openai
 import pytest
-from pydantic import SecretStr
 
-from infra.kafka.topics import declare_topics
 from infra.procs import free_port
-from infra.provision import KafkaService, PostgresService, create_database
+from infra.provision import KafkaService, PostgresService
 from infra.settings import Settings
 from schemas import ChatResponse
-from tests.conftest import unique
 from tests.helpers import read_topic, run_ragbus, spawn, wait_for
 from tests.integration.audit_support import audit_coords, readable_records
+from tests.integration.pipeline_support import Pipeline, pipeline_settings, running_pipeline
 
 SAMPLES = Path(__file__).resolve().parents[2] / "producers" / "samples"
 KEY = "sk-e2e-" + uuid.uuid4().hex
@@ -41,87 +38,56 @@ TENANT = "northwind"
 
 
 @dataclass
-class Pipeline:
-    settings: Settings
+class E2E:
+    """The module's pipeline (sink, worker, processors, gateway) and where the gateway listens."""
+
+    pipeline: Pipeline
     gateway_url: str
     spans: Path
-    logs: Path
-    procs: dict[str, subprocess.Popen[bytes]]
+
+    @property
+    def settings(self) -> Settings:
+        return self.pipeline.settings
 
     def log_tail(self) -> str:
-        parts = []
-        for name in self.procs:
-            text = (self.logs / f"{name}.log").read_text(errors="replace")
-            parts.append(f"--- {name} ---\n{text[-3000:]}")
-        return "\n".join(parts)
+        return self.pipeline.log_tail()
 
 
 @pytest.fixture(scope="module")
 async def pipeline(
     kafka: KafkaService, postgres: PostgresService, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Pipeline]:
+) -> AsyncIterator[E2E]:
     root = tmp_path_factory.mktemp("e2e")
-    test_id = unique("e")
     keys = root / "keys.toml"
     keys.write_text(f'[[keys]]\nkey = "{KEY}"\ntenant = "{TENANT}"\nuser = "alice"\n')
-    await create_database(postgres.dsn, test_id)
     port = free_port()
-    s = Settings(
-        kafka_bootstrap=kafka.bootstrap,
-        topic_prefix=test_id,
-        kafka_partitions=2,
-        home=root / "home",
-        milvus_uri=os.environ.get("RAGBUS_TEST_MILVUS_URI") or str(root / "milvus.db"),
-        milvus_collection=f"c_{test_id}",
-        pg_dsn=SecretStr(postgres.dsn_for(test_id)),
+    s = await pipeline_settings(
+        kafka,
+        postgres,
+        root,
         otel_exporter="file",
         otel_file=root / "spans.jsonl",
         gateway_port=port,
         gateway_keys_file=keys,
         gateway_timeout_s=240.0,
-        _env_file=None,  # type: ignore[call-arg]
     )
-    await declare_topics(s)
-    logs = root / "logs"
-    logs.mkdir()
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    for name, args in {
-        "sink": ["sink", "run"],
-        "worker": ["worker", "run"],
-        "processors": ["processors", "run"],
-        "gateway": ["gateway"],
-    }.items():
-        procs[name] = spawn(args, s, logs / f"{name}.log")
-    p = Pipeline(s, f"http://127.0.0.1:{port}", root / "spans.jsonl", logs, procs)
-    try:
+    url = f"http://127.0.0.1:{port}"
 
-        async def healthy() -> bool:
-            for name, proc in procs.items():
-                assert proc.poll() is None, f"{name} exited:\n{p.log_tail()}"
-            try:
-                async with httpx.AsyncClient() as http:
-                    return (await http.get(f"{p.gateway_url}/healthz")).status_code == 200
-            except httpx.HTTPError:
-                return False
+    async def healthy(_: Pipeline) -> bool:
+        try:
+            async with httpx.AsyncClient() as http:
+                return (await http.get(f"{url}/healthz")).status_code == 200
+        except httpx.HTTPError:
+            return False
 
-        await wait_for(healthy, timeout=120, what="the gateway")
+    async with running_pipeline(s, root, ["sink", "worker", "processors", "gateway"], ready=healthy) as p:
         code, out, err = await run_ragbus(s, "ingest", str(SAMPLES / "docs"), "--tenant", TENANT, "--json")
         assert code == 0, f"{out}\n{err}\n{p.log_tail()}"
         assert json.loads(out)["indexed"] == 3
-        yield p
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        yield E2E(p, url, root / "spans.jsonl")
 
 
-def _openai(p: Pipeline, key: str = KEY) -> openai.OpenAI:
+def _openai(p: E2E, key: str = KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{p.gateway_url}/v1", api_key=key, timeout=240, max_retries=0)
 
 
@@ -132,7 +98,7 @@ HELPDESK = ("What is the phone extension of the IT helpdesk?", "4417")
 MEALS = ("What is the daily meal allowance on business trips?", "45")
 
 
-async def test_openai_package_plain_async_and_streaming(pipeline: Pipeline) -> None:
+async def test_openai_package_plain_async_and_streaming(pipeline: E2E) -> None:
     messages: Any = [{"role": "user", "content": HELPDESK[0]}]
 
     # Plain, with the synchronous client (in a thread: it blocks).
@@ -190,7 +156,7 @@ async def test_openai_package_plain_async_and_streaming(pipeline: Pipeline) -> N
 
 
 @pytest.mark.skipif(shutil.which("kcat") is None, reason="kcat is not installed (apt-get install kcat)")
-async def test_kcat_round_trip(pipeline: Pipeline) -> None:
+async def test_kcat_round_trip(pipeline: E2E) -> None:
     """What the README shows other systems doing: a JSON request in with kcat, its answer out."""
     s = pipeline.settings
     request_id = f"kcat-{uuid.uuid4().hex[:8]}"
@@ -236,9 +202,7 @@ async def test_kcat_round_trip(pipeline: Pipeline) -> None:
     assert response["timings"]["embed_ms"] is not None and response["timings"]["generate_ms"] > 0
 
 
-async def test_bulk_job_interrupted_and_resumed_answers_each_line_once(
-    pipeline: Pipeline, tmp_path: Path
-) -> None:
+async def test_bulk_job_interrupted_and_resumed_answers_each_line_once(pipeline: E2E, tmp_path: Path) -> None:
     s = pipeline.settings
     n = 200
     questions = tmp_path / "questions.jsonl"
@@ -284,7 +248,7 @@ async def test_bulk_job_interrupted_and_resumed_answers_each_line_once(
     assert code == 0 and json.loads(status)[0]["answered"] == n
 
 
-async def test_one_trace_links_gateway_retrieval_worker_and_response(pipeline: Pipeline) -> None:
+async def test_one_trace_links_gateway_retrieval_worker_and_response(pipeline: E2E) -> None:
     reply = await asyncio.to_thread(
         _openai(pipeline).chat.completions.create,
         model="ragbus",
@@ -324,7 +288,7 @@ async def test_one_trace_links_gateway_retrieval_worker_and_response(pipeline: P
     assert (trace_id, span_id) == (inference["trace_id"], inference["span_id"])
 
 
-async def test_audit_rows_equal_the_records_of_the_whole_run(pipeline: Pipeline) -> None:
+async def test_audit_rows_equal_the_records_of_the_whole_run(pipeline: E2E) -> None:
     """Last in the module: every record any test put on any topic is one audit row."""
     s = pipeline.settings
     expected, end_offsets = await readable_records(s)

@@ -1,0 +1,63 @@
+"""Every per-field limit of the contract, defined once.
+
+The event models (`schemas.base`, `schemas.events`) take their `max_length`s from here, so the
+JSON Schema files in `schemas/json/` carry the same numbers; decoding salvages an envelope from
+bad bytes only within these limits; and a dead letter cuts whatever it echoes to them (saying
+so), so building a dead letter can never fail validation. Byte limits per topic live beside the
+topics in `schemas.topics`.
+
+Why limits at all: every record on the bus may come from a system ragbus does not control, and an
+unbounded string is memory, log volume and prompt tokens that another tenant pays for.
+"""
+
+from __future__ import annotations
+
+#: Identifiers (characters).
+EVENT_ID_MAX = 64
+REQUEST_ID_MAX = 128
+TENANT_ID_MAX = 128
+TENANT_ID_PATTERN = r"^[A-Za-z0-9_.:@-]+$"
+USER_ID_MAX = 256
+CONVERSATION_ID_MAX = 128
+JOB_ID_MAX = 128
+CUSTOM_ID_MAX = 256
+DOC_ID_MAX = 256
+MODEL_NAME_MAX = 256
+
+#: Chat text (characters).
+QUESTION_MAX = 32_000
+MESSAGE_CONTENT_MAX = 100_000
+HISTORY_MAX = 200
+SYSTEM_PROMPT_MAX = 16_000
+STOP_SEQUENCES_MAX = 8
+STOP_SEQUENCE_MAX = 256
+
+#: Documents (characters).
+SOURCE_MAX = 2048
+TITLE_MAX = 1024
+
+#: Free-form metadata attached to requests and documents.
+METADATA_KEYS_MAX = 64
+METADATA_KEY_MAX = 128
+METADATA_VALUE_MAX = 4096
+
+#: Error text carried in responses and dead letters (characters), and a dead letter's error class.
+ERROR_MESSAGE_MAX = 4000
+ERROR_CLASS_MAX = 64
+
+#: What a dead letter echoes of the record it gives up on: the original value up to the source
+#: topic's `max.message.bytes` (its DLQ is sized for that, base64 included), at most this many
+#: headers of at most this many bytes each, and a key of at most this many bytes.
+DEAD_LETTER_HEADERS_MAX = 64
+DEAD_LETTER_HEADER_VALUE_MAX = 8192
+DEAD_LETTER_KEY_MAX = 4096
+
+#: Appended to anything cut to a limit, so a reader knows it is not the whole value.
+CUT_MARK = "…[cut]"
+
+
+def cut(text: str, limit: int) -> str:
+    """`text` if it fits `limit` characters, else its head plus CUT_MARK, `limit` long in all."""
+    if len(text) <= limit:
+        return text
+    return text[: max(0, limit - len(CUT_MARK))] + CUT_MARK
