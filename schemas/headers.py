@@ -19,6 +19,10 @@ SCHEMA_VERSION_HEADER = "ragbus-schema-version"
 #: W3C trace context (https://www.w3.org/TR/trace-context/) travels in these headers.
 TRACEPARENT_HEADER = "traceparent"
 TRACESTATE_HEADER = "tracestate"
+#: Set by ragbus's consumers on a record the Kafka client itself could not parse (e.g. a header
+#: key that is not UTF-8); its value is the client's error. Decoding such a record fails as
+#: `unreadable`. See `infra.kafka.unreadable`.
+UNREADABLE_HEADER = "ragbus-unreadable"
 
 EVENT_MODELS: dict[str, type[EventBase]] = {
     m.event_type: m

@@ -14,7 +14,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.helpers import create_ssl_context
 
+from infra.kafka import unreadable
 from infra.settings import Settings
+
+# A record the client cannot parse must not stop a partition (see infra.kafka.unreadable).
+unreadable.install()
 
 #: Larger than any declared topic's max.message.bytes, so the broker is the one that decides.
 MAX_REQUEST_BYTES = 64 * 1024 * 1024

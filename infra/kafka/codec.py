@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from infra.telemetry import inject_headers
 from schemas.base import SCHEMA_VERSION, EventBase
-from schemas.headers import EVENT_TYPE_HEADER, SCHEMA_VERSION_HEADER
+from schemas.headers import EVENT_TYPE_HEADER, SCHEMA_VERSION_HEADER, UNREADABLE_HEADER
 
 E = TypeVar("E", bound=EventBase)
 
@@ -32,7 +32,8 @@ class RecordLike(Protocol):
 
 class DecodeError(ValueError):
     """Why bytes are not a valid event: `error_class` is one of
-    empty, too_large, invalid_utf8, not_json, wrong_event_type, unsupported_version, schema_validation."""
+    unreadable, empty, too_large, invalid_utf8, not_json, wrong_event_type, unsupported_version,
+    schema_validation."""
 
     def __init__(self, error_class: str, message: str) -> None:
         super().__init__(f"{error_class}: {message}")
@@ -87,6 +88,12 @@ def _summarize(err: ValidationError, limit: int = 3) -> str:
 
 def decode(value: bytes | None, model: type[E], *, max_bytes: int, headers: Any = None) -> E:
     """Parse and validate one event; raises only DecodeError."""
+    unreadable = header(headers, UNREADABLE_HEADER)
+    if unreadable is not None:
+        raise DecodeError(
+            "unreadable",
+            f"the Kafka client could not read the record: {unreadable.decode('utf-8', 'replace')[:500]}",
+        )
     if value is None or len(value) == 0:
         raise DecodeError("empty", "the record has no value")
     if len(value) > max_bytes:

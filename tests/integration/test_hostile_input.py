@@ -20,19 +20,22 @@ The examples that once broke a component are kept as explicit cases (`REGRESSION
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import TopicPartition
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from infra.kafka.clients import make_producer
+from infra.kafka.clients import make_consumer, make_producer
 from infra.kafka.codec import DecodeError, decode, decode_record, salvage_envelope
 from infra.provision import KafkaService, PostgresService
 from infra.settings import Settings
@@ -216,6 +219,25 @@ def draw_records() -> list[Draw]:
     return drawn
 
 
+async def _produce_with_kcat(s: Settings, topic: str, header: bytes, value: bytes) -> int:
+    """Produce one record with header `header` (`key=value`, any bytes) to partition 0 with kcat;
+    its offset."""
+    tp = TopicPartition(topic, 0)
+    consumer = make_consumer(s, group_id=None)
+    await consumer.start()
+    try:
+        before = (await consumer.end_offsets([tp]))[tp]
+        cmd = [b"kcat", b"-b", s.bootstrap.encode(), b"-P", b"-t", topic.encode(), b"-p", b"0", b"-H", header]
+        done = await asyncio.to_thread(
+            subprocess.run, cmd, input=value + b"\n", capture_output=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert (await consumer.end_offsets([tp]))[tp] == before + 1
+        return before
+    finally:
+        await consumer.stop()
+
+
 @pytest.fixture(scope="module")
 async def pipeline(
     kafka: KafkaService, postgres: PostgresService, tmp_path_factory: pytest.TempPathFactory
@@ -264,6 +286,15 @@ async def test_hostile_records_never_stop_a_component(pipeline: Pipeline) -> Non
             produced.append((d, topic, meta.partition, meta.offset))
     finally:
         await producer.stop()
+
+    # A record the Kafka client itself cannot parse (a header key that is not UTF-8): aiokafka's
+    # producer cannot write one, kcat can.
+    for suffix in CONSUMED:
+        topic = f"{s.topic_prefix}.{suffix}"
+        offset = await _produce_with_kcat(
+            s, topic, b"\xff\xfe=v", b'{"request_id": "u", "tenant_id": "acme"}'
+        )
+        produced.append((Draw(suffix, None, None, (("ragbus-unreadable", b"by kcat"),)), topic, 0, offset))
 
     # What each consumer must have made of them, computed from the contract alone.
     want_dlq: dict[tuple[str, int, int], str] = {}
