@@ -1,4 +1,9 @@
-"""The one interface every generation backend implements, so the worker does not care which runs."""
+"""The one interface every generation backend implements, so the worker does not care which runs.
+
+Backends supply the chat template and a tokenizer that can be told whether to parse special
+tokens; what all of them share (`render` to token ids, `count_tokens`, `Generation.prompt_ids`)
+lives here, so that no backend can tokenize a document's text as control tokens.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from inference_workers.prompt import EncodedPrompt, encode_chat
 from schemas import SamplingParams
 
 Message = dict[str, str]
@@ -18,12 +24,27 @@ TokenCallback = Callable[[str], None]
 
 @dataclass
 class Generation:
-    """One request in a micro-batch: a rendered prompt and how to sample it."""
+    """One request in a micro-batch: a rendered prompt and how to sample it.
+
+    The engine runs `prompt_ids`, never re-tokenizes `prompt`: only the ids know which tokens are
+    the template's markers and which are text. They default to the ids an `EncodedPrompt` (what
+    `Engine.render` returns) carries; a plain string without ids is refused.
+    """
 
     prompt: str
     sampling: SamplingParams
     request_id: str = ""
     on_token: TokenCallback | None = None
+    prompt_ids: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_ids is None:
+            if not isinstance(self.prompt, EncodedPrompt):
+                raise TypeError(
+                    "Generation needs token ids: pass a prompt from Engine.render (or build_prompt) "
+                    "or prompt_ids; a plain string would let its text become control tokens"
+                )
+            self.prompt_ids = self.prompt.token_ids
 
 
 @dataclass
@@ -63,12 +84,37 @@ class Engine(abc.ABC):
     async def close(self) -> None: ...
 
     @abc.abstractmethod
-    def render(self, messages: list[Message]) -> str:
+    def apply_template(self, messages: list[Message]) -> str:
         """The model's chat template applied to `messages`, ending where the assistant answers."""
 
     @abc.abstractmethod
+    def tokenize(self, text: str, special: bool) -> list[int]:
+        """Token ids of `text`, no BOS added; `special` lets its control-token markers become control
+        tokens (for the template's own text only). Thread-safe; called off the event loop."""
+
+    def prefix_ids(self) -> list[int]:
+        """Ids every prompt starts with that the template does not write (a BOS the model wants)."""
+        return []
+
+    def control_ids(self) -> frozenset[int]:
+        """Control token ids; content that tokenizes to one is refused (defence in depth)."""
+        return frozenset()
+
+    def render(self, messages: list[Message]) -> EncodedPrompt:
+        """`messages` in the chat template, with the ids the engine runs: content stays text."""
+        return encode_chat(
+            messages,
+            template=self.apply_template,
+            tokenize=self.tokenize,
+            prefix=self.prefix_ids(),
+            control_ids=self.control_ids(),
+        )
+
     def count_tokens(self, text: str) -> int:
-        """Tokens of a rendered prompt (thread-safe; called off the event loop)."""
+        """Tokens of a rendered prompt (its ids), or of a piece of content tokenized as text."""
+        if isinstance(text, EncodedPrompt):
+            return len(text.token_ids)
+        return len(self.tokenize(text, False))
 
     @abc.abstractmethod
     async def generate(self, batch: list[Generation]) -> list[Completion]:

@@ -137,19 +137,28 @@ class LlamaCppEngine(Engine):
             self._decoder = None
         self._pool.shutdown(wait=False)
 
-    def render(self, messages: list[Message]) -> str:
+    def apply_template(self, messages: list[Message]) -> str:
         if self._formatter is None:
             raise EngineError(f"{self.name} is not started")
         return self._formatter(messages=messages).prompt
 
-    def count_tokens(self, text: str) -> int:
-        return len(self._tokens(text))
+    def tokenize(self, text: str, special: bool) -> list[int]:
+        return self.decoder.tokenize(text, add_special=False, parse_special=special)
 
-    def _tokens(self, text: str) -> list[int]:
+    def prefix_ids(self) -> list[int]:
+        # The template is rendered with an empty bos_token; llama.cpp adds a BOS where the model wants one.
+        decoder = self.decoder
+        return [decoder.bos] if decoder.add_bos else []
+
+    def control_ids(self) -> frozenset[int]:
+        return self.decoder.control_ids
+
+    @property
+    def decoder(self) -> Any:
+        """The loaded BatchDecoder (its vocabulary: token texts, ids)."""
         if self._decoder is None:
             raise EngineError(f"{self.name} is not started")
-        # The rendered template carries its own special tokens; a BOS only where the model wants one.
-        return self._decoder.tokenize(text, add_special=self._decoder.add_bos)
+        return self._decoder
 
     async def generate(self, batch: list[Generation]) -> list[Completion]:
         if self._decoder is None:
@@ -163,7 +172,10 @@ class LlamaCppEngine(Engine):
         results: list[Completion | None] = [None] * len(batch)
         jobs: list[tuple[int, SeqJob]] = []
         for i, g in enumerate(batch):
-            tokens = self._tokens(g.prompt)
+            tokens = list(g.prompt_ids or ())
+            if not tokens:
+                results[i] = Completion(finish_reason="error", error="an empty prompt")
+                continue
             room = self.context_window - len(tokens)
             if room <= 0:
                 results[i] = Completion(

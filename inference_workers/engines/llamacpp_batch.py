@@ -104,6 +104,10 @@ class BatchDecoder:
         self.memory = C.llama_get_memory(self.ctx)
         self.eos = int(C.llama_vocab_eos(self.vocab))
         self.add_bos = bool(C.llama_vocab_get_add_bos(self.vocab))
+        self.bos = int(C.llama_vocab_bos(self.vocab))
+        self.control_ids = frozenset(
+            t for t in range(C.llama_vocab_n_tokens(self.vocab)) if C.llama_vocab_is_control(self.vocab, t)
+        )
         self._batch = C.llama_batch_init(self.n_batch, 0, 1)
 
     # --- text ⇄ tokens ------------------------------------------------------------------------
@@ -114,15 +118,18 @@ class BatchDecoder:
     def token_text(self, token: int) -> str:
         return self._piece(token).decode("utf-8", "replace")
 
-    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = False) -> list[int]:
+        """`parse_special` turns control-token markers in `text` into control tokens: only for the
+        chat template's own text, never for content (a document could otherwise write its own
+        `<|im_start|>system` turn)."""
         data = text.encode("utf-8")
         cap = len(data) + 16
         buf = (C.llama_token * cap)()
-        n = C.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, True)
+        n = C.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
         if n < 0:
             cap = -n
             buf = (C.llama_token * cap)()
-            n = C.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, True)
+            n = C.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
         return list(buf[:n])
 
     def _piece(self, token: int) -> bytes:

@@ -7,11 +7,17 @@ under `if __name__ == "__main__":` (the `ragbus` CLI does).
 Options (a model entry's `options`, passed to vLLM's AsyncEngineArgs): dtype, quantization
 (awq, gptq, gguf, ...), tensor_parallel_size, max_model_len, gpu_memory_utilization,
 enforce_eager, trust_remote_code, ... any AsyncEngineArgs field.
+
+Prompts reach vLLM as token ids (`prompt_token_ids`), never as text for it to tokenize: a Hugging
+Face tokenizer reads control-token markers in any text it is given, so a retrieved document could
+otherwise open its own system turn. Content is tokenized by a copy of the tokenizer that splits
+special tokens (`split_special_tokens`), kept apart so that no call flips the shared one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import uuid
@@ -56,6 +62,8 @@ class VllmEngine(Engine):
         self.options = dict(options or {})
         self._engine: Any = None
         self._tokenizer: Any = None
+        self._literal: Any = None
+        self._control: frozenset[int] = frozenset()
 
     @property
     def context_window(self) -> int:
@@ -98,7 +106,7 @@ class VllmEngine(Engine):
         self._engine = await loop.run_in_executor(
             None, lambda: AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         )
-        self._tokenizer = self._engine.get_tokenizer()
+        self.use_tokenizer(self._engine.get_tokenizer())
         log.info("%s: vLLM ready (context %d)", self.name, self.context_window)
 
     async def close(self) -> None:
@@ -106,15 +114,39 @@ class VllmEngine(Engine):
             self._engine.shutdown()
             self._engine = None
 
-    def render(self, messages: list[Message]) -> str:
-        if self._tokenizer is None:
-            raise EngineError(f"{self.name} is not started")
-        return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def use_tokenizer(self, tokenizer: Any) -> None:
+        """Take the served model's (Hugging Face) tokenizer: templates and special tokens from it, and
+        a copy of it that reads every text literally."""
+        literal = copy.deepcopy(tokenizer)
+        # Slow tokenizers read the attribute, fast ones the call argument (set too, below).
+        literal.split_special_tokens = True
+        control = set(getattr(tokenizer, "all_special_ids", ()) or ())
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        control.update(i for i, tok in added.items() if getattr(tok, "special", False))
+        self._tokenizer, self._literal, self._control = tokenizer, literal, frozenset(control)
 
-    def count_tokens(self, text: str) -> int:
+    def _started(self) -> Any:
         if self._tokenizer is None:
             raise EngineError(f"{self.name} is not started")
-        return len(self._tokenizer.encode(text, add_special_tokens=False))
+        return self._tokenizer
+
+    def apply_template(self, messages: list[Message]) -> str:
+        return self._started().apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def tokenize(self, text: str, special: bool) -> list[int]:
+        # The template writes any BOS itself, so nothing is added here (as vLLM's own chat server).
+        if special:
+            return list(self._started().encode(text, add_special_tokens=False))
+        self._started()
+        return list(self._literal.encode(text, add_special_tokens=False, split_special_tokens=True))
+
+    def control_ids(self) -> frozenset[int]:
+        return self._control
+
+    @staticmethod
+    def prompt_input(g: Generation) -> dict[str, Any]:
+        """What vLLM is handed for `g`: its token ids (vLLM would parse the text's markers itself)."""
+        return {"prompt_token_ids": list(g.prompt_ids or ())}
 
     async def generate(self, batch: list[Generation]) -> list[Completion]:
         if self._engine is None:
@@ -140,7 +172,7 @@ class VllmEngine(Engine):
         prompt_tokens = completion_tokens = 0
         finish: str | None = None
         try:
-            async for out in self._engine.generate({"prompt": g.prompt}, params, request_id):
+            async for out in self._engine.generate(self.prompt_input(g), params, request_id):
                 if out.prompt_token_ids is not None:
                     prompt_tokens = len(out.prompt_token_ids)
                 for c in out.outputs[:1]:
