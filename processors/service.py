@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any, TextIO
 from aiokafka import TopicPartition
 
 from infra.kafka.clients import make_admin
+from infra.kafka.publisher import TransactionalPublisher
 from infra.milvus import make_milvus_client
 from infra.settings import Settings
 from processors.embedding import Embedder, load_model
 from processors.ingest.stage import IngestStage
-from processors.publisher import TransactionalPublisher
 from processors.retrieval.stage import RetrievalStage
 from processors.stage import BatchStage
 from processors.store import ChunkStore, release_lite
@@ -75,6 +75,7 @@ class Processors:
             settings,
             group_id=processors_group_id(settings),
             transactional_id=processors_transactional_id(settings),
+            client_id="ragbus-processors",
             generation=self._generation,
         )
         self.stages: dict[str, BatchStage[Any]] = {}

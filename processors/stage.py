@@ -23,10 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from infra.kafka.codec import DecodeError, decode_record
+from infra.kafka.codec import DecodeError, Output, decode_record
 from infra.kafka.dlq import encode_dead_letter
+from infra.kafka.publisher import TransactionalPublisher
 from infra.settings import Settings
-from processors.publisher import Output, TransactionalPublisher
 from processors.records import RecordView
 from schemas import EventBase, spec_for_topic
 

@@ -2,7 +2,7 @@
 micro-batches with `Stream.take_events(N, within=T)`.
 
 Two departures from faust's defaults, both for exactly-once output through our own transactions
-(see `processors.publisher`):
+(see `infra.kafka.publisher`):
 
 - the consumer reads with isolation_level=read_committed (faust only does so in its own
   exactly-once mode) and never commits offsets itself: the offsets travel in the publisher's

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from datetime import datetime
 
-from infra.kafka.codec import Encoded, encode
+from infra.kafka.codec import Output, encode
 from schemas import (
     ChatResponse,
     Citation,
@@ -16,8 +16,6 @@ from schemas import (
     Topics,
     Usage,
 )
-
-Output = tuple[str, Encoded]
 
 
 def ms_since(start: datetime) -> float:

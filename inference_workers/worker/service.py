@@ -10,9 +10,9 @@ Three tasks share one event loop:
   transactional: the final ChatResponse is authoritative and clients skip repeated indexes).
 
 Each finished batch is published in one Kafka transaction — responses, dead letters and the
-consumed offsets — so a crash anywhere replays the batch and read_committed readers see exactly one
-response per request. The batcher is written here rather than on TransactionalStage because that
-loop polls and processes in one task (a long generation would stop the polling).
+consumed offsets — through the same `TransactionalPublisher` the processors use (one policy for
+fencing, aborts and retries), so a crash anywhere replays the batch and read_committed readers see
+exactly one response per request.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from inference_workers.cache import CachedAnswer, ResponseCache, cache_key, cacheable
 from inference_workers.config import ConfigError, models_file
@@ -39,7 +39,7 @@ from inference_workers.worker.intake import Intake, Pending, Rebalance
 from infra.kafka.clients import make_consumer, make_producer, transactional_id
 from infra.kafka.codec import Encoded, encode
 from infra.kafka.dlq import encode_dead_letter, rejection_response
-from infra.kafka.stage import next_offsets, rewind_to_committed
+from infra.kafka.publisher import TransactionalPublisher
 from infra.settings import Settings
 from infra.telemetry import reinject_headers, start_span_from_headers, tracing_enabled
 from schemas import LANES, ErrorCode, TokenChunk, spec_for_topic
@@ -57,7 +57,6 @@ class WorkerStats:
     errors: int = 0
     dead_letters: int = 0
     cache_hits: int = 0
-    aborted: int = 0
     tokens_out: int = 0
     longest_batch_s: float = 0.0
     batch_sizes: list[int] = field(default_factory=list)
@@ -92,7 +91,12 @@ class InferenceWorker:
         self.batch_lock = asyncio.Lock()
         self.reload_requested = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
-        self._producer: AIOKafkaProducer | None = None
+        self.publisher = TransactionalPublisher(
+            settings,
+            group_id=self.group_id,
+            transactional_id=transactional_id(settings, COMPONENT),
+            client_id=COMPONENT,
+        )
         self._tokens: AIOKafkaProducer | None = None
         self._token_queue: asyncio.Queue[TokenChunk | None] = asyncio.Queue()
         self.intake: Intake | None = None
@@ -107,12 +111,9 @@ class InferenceWorker:
         await self.cache.start()
         s = self.settings
         lanes = {self.topics.enriched(lane): lane for lane in LANES}
-        self._producer = make_producer(
-            s, client_id=COMPONENT, transactional_id=transactional_id(s, COMPONENT)
-        )
         self._tokens = make_producer(s, client_id=f"{COMPONENT}-tokens", linger_ms=0)
         self._consumer = make_consumer(s, group_id=self.group_id, client_id=COMPONENT)
-        await self._producer.start()
+        await self.publisher.start()  # fences a crashed predecessor before anything is read
         await self._tokens.start()
         await self._consumer.start()
         self.intake = Intake(
@@ -134,7 +135,8 @@ class InferenceWorker:
         )
 
     async def stop(self) -> None:
-        for client in (self._consumer, self._producer, self._tokens):
+        await self.publisher.stop()
+        for client in (self._consumer, self._tokens):
             if client is not None:
                 with contextlib.suppress(Exception):
                     await client.stop()
@@ -232,31 +234,31 @@ class InferenceWorker:
 
     # --- one batch ------------------------------------------------------------------------------
     async def process(self, items: list[Pending]) -> None:
-        """Answer `items` and commit the answers with their offsets in one transaction."""
+        """Answer `items` and commit the answers with their offsets in one transaction. Raises
+        PublishError when the answers cannot be committed (the worker then stops)."""
         started = time.time()
         spans = self._open_spans(items) if tracing_enabled() else {}
-        outputs: list[Output] = []
-        jobs: dict[str, list[_Job]] = {}
-        engines: dict[str, Engine] = {}
+        outputs: list[list[Output]] = [[] for _ in items]  # per item, in order
+        jobs: dict[str, list[tuple[int, _Job]]] = {}
         prepared = await asyncio.gather(*(self._prepare_one(p, started) for p in items))
-        for prep in prepared:
+        for i, prep in enumerate(prepared):
             if isinstance(prep, _Job):
-                jobs.setdefault(prep.model, []).append(prep)
-                engines[prep.model] = prep.engine
+                jobs.setdefault(prep.model, []).append((i, prep))
             else:
-                outputs.extend(prep)
+                outputs[i] = prep
         results = await asyncio.gather(
-            *(self._generate(engines[m], group, started) for m, group in jobs.items())
+            *(self._generate(group[0][1].engine, [j for _, j in group], started) for group in jobs.values())
         )
-        for group_outputs in results:
-            outputs.extend(group_outputs)
+        for group, group_outputs in zip(jobs.values(), results, strict=True):
+            for (i, _), out in zip(group, group_outputs, strict=True):
+                outputs[i] = out
         elapsed = time.time() - started
         self.stats.longest_batch_s = max(self.stats.longest_batch_s, elapsed)
         self.stats.batch_sizes.append(len(items))
         if spans:
-            outputs = [_traced(out, spans) for out in outputs]
+            outputs = [[_traced(out, spans) for out in outs] for outs in outputs]
         try:
-            await self._commit(outputs, next_offsets([p.record for p in items]))
+            await self.publisher.submit([(p.record, outs) for p, outs in zip(items, outputs, strict=True)])
         finally:
             for span in spans.values():
                 span.end()
@@ -399,19 +401,21 @@ class InferenceWorker:
         if built.room < sampling.max_tokens:
             sampling = sampling.model_copy(update={"max_tokens": built.room})
         on_token = self._streamer(ev) if ev.request.stream else None
-        return _Job(item, name, engine, built, key, Generation(built.text, sampling, ev.request_id, on_token))
+        generation = Generation(built.text, sampling, ev.request_id, on_token, prompt_ids=built.token_ids)
+        return _Job(item, name, engine, built, key, generation)
 
-    async def _generate(self, engine: Engine, jobs: list[_Job], started: float) -> list[Output]:
+    async def _generate(self, engine: Engine, jobs: list[_Job], started: float) -> list[list[Output]]:
+        """The outputs of each job, in order."""
         t0 = time.perf_counter()
         completions = await self._complete(engine, jobs)
         gen_ms = (time.perf_counter() - t0) * 1000
-        out: list[Output] = []
+        out: list[list[Output]] = []
         for job, done in zip(jobs, completions, strict=True):
             try:
-                out.extend(await self._respond(job, done, started, gen_ms))
+                out.append(await self._respond(job, done, started, gen_ms))
             except Exception as e:
                 log.exception("answering %s failed", job.generation.request_id)
-                out.extend(self._failed(job.pending, e, "the answer could not be published", model=job.model))
+                out.append(self._failed(job.pending, e, "the answer could not be published", model=job.model))
         return out
 
     async def _complete(self, engine: Engine, jobs: list[_Job]) -> list[Completion]:
@@ -505,27 +509,6 @@ class InferenceWorker:
             if reply is not None:
                 out.append(reply)
         return out
-
-    # --- the transaction --------------------------------------------------------------------------
-    async def _commit(self, outputs: list[Output], offsets: dict[TopicPartition, int]) -> None:
-        assert self._producer is not None and self._consumer is not None and self.intake is not None
-        try:
-            async with self._producer.transaction():
-                for topic, enc in outputs:
-                    await self._producer.send(topic, enc.value, key=enc.key, headers=enc.headers)
-                await self._producer.send_offsets_to_transaction(offsets, self.group_id)
-        except ProducerFenced:
-            log.error("another worker took over this worker's transactional id; stopping")
-            raise
-        except KafkaError:
-            self.stats.aborted += 1
-            log.exception("transaction aborted; replaying from the committed offsets")
-            await self._rewind(list(offsets))
-
-    async def _rewind(self, partitions: list[TopicPartition]) -> None:
-        assert self._consumer is not None and self.intake is not None
-        self.intake.drop(partitions)
-        await rewind_to_committed(self._consumer, partitions)
 
 
 #: The index of the closing TokenChunk (after every text chunk of an answer).

@@ -48,6 +48,10 @@ class Encoded:
     headers: Headers
 
 
+#: A record to publish: (topic, encoded event).
+Output = tuple[str, Encoded]
+
+
 def event_key(event: EventBase) -> str:
     """Partitioning key: documents by doc_id (ordered per document), everything else by request."""
     doc_id = getattr(event, "doc_id", None)

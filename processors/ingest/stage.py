@@ -17,13 +17,13 @@ from typing import Literal
 
 import numpy as np
 
-from infra.kafka.codec import Encoded, encode, salvage_envelope
+from infra.kafka.codec import Encoded, Output, encode, salvage_envelope
 from infra.kafka.dlq import rejection_reason, routable
+from infra.kafka.publisher import TransactionalPublisher
 from infra.settings import Settings
 from processors.chunking import Chunk, Chunker
 from processors.embedding import Embedder, Priority
 from processors.parsing import ParseError, parse
-from processors.publisher import Output, TransactionalPublisher
 from processors.records import RecordView
 from processors.stage import BatchStage, Incoming, Result
 from processors.store import ChunkRow, ChunkStore, DocumentMeta

@@ -15,12 +15,12 @@ from datetime import datetime
 
 import numpy as np
 
-from infra.kafka.codec import DecodeError, encode
+from infra.kafka.codec import DecodeError, Output, encode
 from infra.kafka.dlq import rejection_response
+from infra.kafka.publisher import TransactionalPublisher
 from infra.settings import Settings
 from infra.telemetry import span_from_headers, tracing_enabled
 from processors.embedding import Embedder, Priority
-from processors.publisher import Output, TransactionalPublisher
 from processors.records import RecordView
 from processors.stage import BatchStage, Incoming, Result
 from processors.store import ChunkStore, Hit

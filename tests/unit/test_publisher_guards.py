@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from aiokafka import TopicPartition
 
+from infra.kafka.publisher import TransactionalPublisher
 from infra.settings import Settings
-from processors.publisher import TransactionalPublisher
 from processors.records import RecordView
 
 
@@ -25,7 +25,7 @@ def record(partition: int = 0, offset: int = 10, generation: int | None = 3) -> 
 
 def publisher() -> TransactionalPublisher:
     settings = Settings(kafka_bootstrap="127.0.0.1:1", _env_file=None)  # type: ignore[call-arg]
-    return TransactionalPublisher(settings, group_id="g", transactional_id="x")
+    return TransactionalPublisher(settings, group_id="g", transactional_id="x", client_id="test")
 
 
 def test_a_current_record_may_be_committed() -> None:

@@ -1,21 +1,28 @@
-"""Exactly-once output for the processors: results and consumed offsets in one Kafka transaction.
+"""Exactly-once output for every consuming component: results and consumed offsets in one Kafka
+transaction, with one policy for fencing, aborts, rebalances and retries.
 
-The stream layer (faust) reads the input topics but never commits an offset itself. Each
-processed micro-batch is handed here as (record, outputs) pairs; a single publisher task writes
-the outputs of everything queued so far and the next offset of every consumed partition in one
-transaction of one transactional producer, then commits it. Readers with
-isolation_level=read_committed therefore see each input's outputs exactly once: a crash before
-the commit aborts the outputs together with the offsets, and the records are read again.
+Components read their input however suits them (the processors through faust, the worker with
+its own polling task) but never commit an offset themselves. Each processed micro-batch is handed
+here as (record, outputs) pairs; a single publisher task writes the outputs of everything queued
+so far and the next offset of every consumed partition in one transaction of one transactional
+producer, then commits it. Readers with isolation_level=read_committed therefore see each input's
+outputs exactly once: a crash before the commit aborts the outputs together with the offsets, and
+the records are read again.
 
-Why not faust's own `processing_guarantee="exactly_once"`: in faust-streaming 0.15.3 it picks the
-transactional producer by the *destination* partition and only for topics the consumer itself
-subscribes to; records sent to any other topic (here: every output topic) go through the plain
-producer, outside any transaction. Checked here: with it enabled, the records an agent sent to
-another topic were written without transaction markers (visible at once to read_committed readers,
-whatever happened to the offsets).
+The policy, in one place: a transaction that aborts (a broker error) is retried as it was, up to
+`max_attempts`; being fenced (another process took this transactional id) or running out of
+attempts fails the publisher, and the component stops so that its restart resumes from the
+committed offsets. Results a rebalance overtook are dropped, not committed (`stale_reason`).
+
+Why not faust's own `processing_guarantee="exactly_once"` for the processors: in faust-streaming
+0.15.3 it picks the transactional producer by the *destination* partition and only for topics the
+consumer itself subscribes to; records sent to any other topic (here: every output topic) go
+through the plain producer, outside any transaction. Checked here: with it enabled, the records an
+agent sent to another topic were written without transaction markers (visible at once to
+read_committed readers, whatever happened to the offsets).
 
 Fencing: the producer's transactional id is stable across restarts of the same deployment (see
-`processors_transactional_id`), so a restarted process fences its crashed predecessor and waits
+`infra.kafka.clients.transactional_id`), so a restarted process fences its crashed predecessor and waits
 for its open transaction to finish before the consumer reads the committed offsets.
 """
 
@@ -32,13 +39,10 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from infra.kafka.clients import make_producer
-from infra.kafka.codec import Encoded
+from infra.kafka.codec import Output, RecordLike
 from infra.settings import Settings
-from processors.records import RecordView
 
 log = logging.getLogger(__name__)
-
-Output = tuple[str, Encoded]
 
 
 class PublishError(RuntimeError):
@@ -47,7 +51,7 @@ class PublishError(RuntimeError):
 
 @dataclass
 class _Item:
-    pairs: list[tuple[RecordView, list[Output]]]
+    pairs: list[tuple[RecordLike, list[Output]]]
     done: asyncio.Future[None]
 
 
@@ -69,6 +73,7 @@ class TransactionalPublisher:
         *,
         group_id: str,
         transactional_id: str,
+        client_id: str,
         generation: Callable[[], int | None] | None = None,
         max_attempts: int = 4,
         max_records_per_transaction: int = 5000,
@@ -76,6 +81,7 @@ class TransactionalPublisher:
         self.settings = settings
         self.group_id = group_id
         self.transactional_id = transactional_id
+        self.client_id = client_id
         #: The consumer group's current generation (records of an older one are not committed).
         self.generation = generation
         self.max_attempts = max_attempts
@@ -99,10 +105,10 @@ class TransactionalPublisher:
         for its open transaction to end, so call this before the consumer reads committed offsets."""
         self.failed = asyncio.get_running_loop().create_future()
         self._producer = make_producer(
-            self.settings, client_id="ragbus-processors", transactional_id=self.transactional_id
+            self.settings, client_id=self.client_id, transactional_id=self.transactional_id
         )
         await self._producer.start()
-        self._task = asyncio.create_task(self._run(), name="processors-publisher")
+        self._task = asyncio.create_task(self._run(), name=f"{self.client_id}-publisher")
         log.info("publisher ready (transactional id %s, group %s)", self.transactional_id, self.group_id)
 
     async def stop(self) -> None:
@@ -121,7 +127,7 @@ class TransactionalPublisher:
         self._queue.clear()
 
     # --- used by the stages ------------------------------------------------------------------
-    def submit(self, pairs: Sequence[tuple[RecordView, list[Output]]]) -> asyncio.Future[None]:
+    def submit(self, pairs: Sequence[tuple[RecordLike, list[Output]]]) -> asyncio.Future[None]:
         """Queue the outputs of consumed records; the future resolves once they are committed."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self.failed is not None and self.failed.done():
@@ -202,7 +208,8 @@ class TransactionalPublisher:
                     )
                     continue
                 outputs.extend(produced)
-                offsets[record.tp] = max(offsets.get(record.tp, 0), record.offset + 1)
+                tp = _tp(record)
+                offsets[tp] = max(offsets.get(tp, 0), record.offset + 1)
         if not offsets:
             return
         for attempt in range(1, self.max_attempts + 1):
@@ -236,7 +243,7 @@ class TransactionalPublisher:
     def _current_generation(self) -> int | None:
         return self.generation() if self.generation is not None else None
 
-    def stale_reason(self, record: RecordView, generation: int | None = None) -> str | None:
+    def stale_reason(self, record: RecordLike, generation: int | None = None) -> str | None:
         """Why a processed record must not be committed (None: it may). `generation` defaults to
         the group's current one.
 
@@ -246,11 +253,13 @@ class TransactionalPublisher:
         """
         if generation is None:
             generation = self._current_generation()
-        if record.tp in self._revoked:
+        tp = _tp(record)
+        fetched_in = getattr(record, "generation", None)  # known for the records faust hands over
+        if tp in self._revoked:
             return "partition revoked"
-        if generation is not None and record.generation is not None and record.generation != generation:
-            return f"fetched in group generation {record.generation}, now {generation}"
-        if record.offset < self._committed.get(record.tp, -1):
+        if generation is not None and fetched_in is not None and fetched_in != generation:
+            return f"fetched in group generation {fetched_in}, now {generation}"
+        if record.offset < self._committed.get(tp, -1):
             return "already committed"
         return None
 
@@ -272,3 +281,7 @@ class TransactionalPublisher:
         self._inflight = []
         self._queue.clear()
         self._idle.set()
+
+
+def _tp(record: RecordLike) -> TopicPartition:
+    return TopicPartition(record.topic, record.partition)
