@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, IPvAnyNetwork, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -20,7 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from schemas.topics import DEFAULT_PREFIX, Topics
+from schemas.topics import DEFAULT_PREFIX, Topics, spec
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
@@ -159,6 +159,17 @@ class Settings(BaseSettings):
     gateway_timeout_s: float = Field(default=120.0, gt=0)
     gateway_trust_forwarded_for: bool = Field(
         default=False, description="Take the client IP from X-Forwarded-For (behind a trusted proxy only)."
+    )
+    gateway_trusted_proxies: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="With gateway_trust_forwarded_for: the proxies' addresses/CIDRs, skipped when reading "
+        'X-Forwarded-For from the right, e.g. ["10.0.0.0/8"]; empty: the peer is the one trusted proxy.',
+    )
+    gateway_max_body_bytes: int = Field(
+        default=spec("chat.requests").max_event_bytes,
+        ge=1024,
+        description="Larger request bodies get 413 before they are parsed or authenticated; default: "
+        "the largest event the chat.requests topic takes.",
     )
 
     @classmethod

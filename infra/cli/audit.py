@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -15,6 +16,32 @@ from infra.cli.common import console, err_console, friendly_errors, print_json, 
 from infra.settings import Settings
 
 T = TypeVar("T")
+
+#: Terminal escape sequences, whole: CSI (`ESC [ ... final`, also the 8-bit CSI 0x9b), OSC
+#: (`ESC ] ... BEL` or `ESC ] ... ESC \\`), DCS/SOS/PM/APC strings, and two-byte escapes.
+_ESCAPE_SEQUENCE = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
+    r"|(?:\x1b\]|\x9d)[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"
+    r"|(?:\x1b[PX^_]|[\x90\x98\x9e\x9f])[^\x1b\x9c]*(?:\x1b\\|\x9c)?"
+    r"|\x1b[ -/]*[0-~]"
+)
+#: What is left that a terminal acts on: C0 controls but newline and tab, DEL, C1 controls.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` without anything a terminal would act on (escape sequences that move the cursor,
+    recolor or retitle, and every other C0/C1 control but newline and tab).
+
+    Audit rows hold whatever clients sent; printed raw, a question could rewrite the screen an
+    operator reads. `--json` keeps the exact text, escaped by the JSON encoder."""
+    return _CONTROL.sub("", _ESCAPE_SEQUENCE.sub("", text))
+
+
+def _cell(text: str) -> str:
+    """A table cell: printable, with Rich's markup brackets escaped."""
+    return escape(printable(text))
+
 
 sink_app = typer.Typer(
     help="The audit sink: every event on every ragbus topic, DLQs included, into Postgres.",
@@ -146,7 +173,7 @@ def sink_partitions(
         table.add_column(col)
     for p in parts:
         table.add_row(
-            p.name,
+            _cell(p.name),
             p.start.date().isoformat() if p.start else "(default)",
             p.end.date().isoformat() if p.end else "",
             str(p.rows),
@@ -222,7 +249,16 @@ def audit(
     if as_json:
         print_json([e.as_dict() for e in entries])
         return
-    head = s.topic_prefix + "."
+    console.print(audit_table(entries, s.topic_prefix))
+    sealed = sum(1 for e in entries if e.sealed)
+    if sealed:
+        reasons = sorted({msg.split(": ", 1)[-1] for e in entries for msg in e.sealed})
+        err_console.print(f"[yellow]{sealed} row(s) stay encrypted:[/yellow] {_cell('; '.join(reasons))}")
+
+
+def audit_table(entries: list[Any], prefix: str) -> Table:
+    """The rows of `ragbus audit` as a table; every cell goes through `printable`."""
+    head = prefix + "."
     table = Table(title=f"audit trail ({len(entries)} rows, newest first)")
     for col in ("time (UTC)", "action", "tenant", "user", "request", "topic@partition:offset", "what"):
         table.add_column(col, overflow="fold" if col == "what" else "ellipsis")
@@ -230,10 +266,10 @@ def audit(
         where = e.topic[len(head) :] if e.topic.startswith(head) else e.topic
         table.add_row(
             e.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
-            e.action_type,
             *(
-                escape(text)
+                _cell(text)
                 for text in (
+                    e.action_type or "",
                     e.tenant_id or "",
                     e.user_id or "",
                     (e.request_id or "")[:13],
@@ -242,11 +278,7 @@ def audit(
                 )
             ),
         )
-    console.print(table)
-    sealed = sum(1 for e in entries if e.sealed)
-    if sealed:
-        reasons = sorted({msg.split(": ", 1)[-1] for e in entries for msg in e.sealed})
-        err_console.print(f"[yellow]{sealed} row(s) stay encrypted:[/yellow] {'; '.join(reasons)}")
+    return table
 
 
 @friendly_errors
@@ -276,7 +308,7 @@ def usage(
         table.add_column(col, justify="left" if col == by else "right")
     for r in rows:
         table.add_row(
-            r.key or "(none)",
+            _cell(str(r.key)) if r.key else "(none)",
             str(r.responses),
             str(r.prompt_tokens),
             str(r.completion_tokens),

@@ -22,11 +22,18 @@ from aiokafka import TopicPartition
 from tqdm import tqdm
 
 from infra.kafka.clients import make_consumer, make_producer
-from infra.kafka.codec import DecodeError, decode_record, encode
+from infra.kafka.codec import DecodeError, Encoded, decode_record, encode
 from infra.settings import Settings
-from producers.bulk.formats import BadLine, BulkItem, answered_ids, output_line, read_items
+from producers.bulk.formats import (
+    BadLine,
+    BulkItem,
+    answered_ids,
+    build_request,
+    output_line,
+    read_items,
+)
 from producers.bulk.state import JobState, JobStore
-from schemas import ChatRequest, ChatResponse, SamplingParams
+from schemas import ChatResponse, spec_for_topic
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,8 @@ class BulkRunner:
         self.column = column
         self.id_column = id_column
         self.topic = settings.topics.responses("bulk")
+        requests = spec_for_topic(settings.topics.requests("bulk"), settings.topic_prefix)
+        self._max_bytes = requests.max_event_bytes if requests is not None else 1024 * 1024
         self._inflight: set[str] = set()
         self._done: set[str] = set()
         self._slots = asyncio.Condition()
@@ -147,16 +156,22 @@ class BulkRunner:
             if n % 64 == 0 and self.store.cancel_requested(state.job_id):
                 await asyncio.gather(*pending)
                 return True
-            cid = item.custom_id
-            if cid in self._done or cid in self._inflight:
-                continue
+            if isinstance(item, BulkItem):
+                if item.custom_id in self._done or item.custom_id in self._inflight:
+                    continue
+                try:
+                    enc = self._encode(item)
+                except BadLine as bad:
+                    item = bad
             if isinstance(item, BadLine):
-                self._write(cid, None, ("invalid_request", str(item)))
+                # A line that cannot become a request is answered here, and the job goes on.
+                if item.custom_id not in self._done:
+                    self._write(item.custom_id, None, ("invalid_request", str(item)))
                 continue
+            cid = item.custom_id
             async with self._slots:
                 await self._slots.wait_for(lambda: len(self._inflight) < self.window)
             self._inflight.add(cid)
-            enc = encode(self._request(item))
             fut = await producer.send(
                 self.settings.topics.requests("bulk"), enc.value, key=enc.key, headers=enc.headers
             )
@@ -170,25 +185,25 @@ class BulkRunner:
         sent_log.flush()
         return False
 
-    def _request(self, item: BulkItem) -> ChatRequest:
-        sampling = SamplingParams()
-        if item.max_tokens:
-            sampling.max_tokens = int(item.max_tokens)
-        if item.temperature is not None:
-            sampling.temperature = float(item.temperature)
-        return ChatRequest(
+    def _encode(self, item: BulkItem) -> Encoded:
+        """The item as an encoded bulk-lane request; raises BadLine when the contract refuses it
+        (a field too long, bad sampling values) or it is larger than the requests topic accepts."""
+        request = build_request(
+            item,
             request_id=request_id_for(self.state.job_id, item.custom_id),
             tenant_id=self.state.tenant_id,
             user_id=self.state.user_id,
-            lane="bulk",
-            question=item.question,
-            history=item.history,
-            system_prompt=item.system_prompt,
-            model=item.model if item.model not in (None, "ragbus") else None,
-            sampling=sampling,
             job_id=self.state.job_id,
-            custom_id=item.custom_id,
         )
+        enc = encode(request)
+        if len(enc.value) > self._max_bytes:
+            raise BadLine(
+                item.custom_id,
+                f"the request is {len(enc.value)} bytes as an event; the bulk lane takes at most "
+                f"{self._max_bytes} (shorten the messages)",
+                "messages",
+            )
+        return enc
 
     async def _read(self, consumer: Any) -> None:
         job_id = self.state.job_id

@@ -1,4 +1,8 @@
-"""The gateway's ASGI app: `ragbus gateway` serves it with uvicorn."""
+"""The gateway's ASGI app: `ragbus gateway` serves it with uvicorn.
+
+Order of checks on a request: body size (middleware, before anything reads it), API key, then
+content type, JSON, the protocol's shape and the contract's limits — each refusal a 4xx in OpenAI's
+error shape (producers/gateway/errors.py)."""
 
 from __future__ import annotations
 
@@ -6,20 +10,25 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+import orjson
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 
 from infra.settings import Settings
 from infra.telemetry import setup_telemetry, tracer
-from producers.bulk.formats import BadLine
+from producers.bulk.formats import BadLine, describe, openai_param
 from producers.client import ChatClient
-from producers.gateway import metrics
+from producers.gateway import errors, metrics
 from producers.gateway.auth import ApiKeys, Principal
+from producers.gateway.errors import openai_error
+from producers.gateway.forwarded import client_address
+from producers.gateway.limits import BodySizeLimit
 from producers.gateway.openai.protocol import ChatCompletionRequest
-from producers.gateway.openai.serving import OpenAIServing, openai_error
+from producers.gateway.openai.serving import OpenAIServing
+from schemas import spec_for_topic
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +55,7 @@ def create_app(settings: Settings, keys: ApiKeys | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = ChatClient(settings, remember=False)
         await client.start()
-        state["serving"] = OpenAIServing(
+        state["serving"] = app.state.serving = OpenAIServing(
             client, timeout=settings.gateway_timeout_s, models=_served_models(settings)
         )
         try:
@@ -55,6 +64,11 @@ def create_app(settings: Settings, keys: ApiKeys | None = None) -> FastAPI:
             await client.stop()
 
     app = FastAPI(title="ragbus gateway", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    errors.install(app)
+    # Outermost: the cap holds before routing, parsing or the API key check.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.gateway_max_body_bytes)
+    requests_spec = spec_for_topic(settings.topics.requests("chat"), settings.topic_prefix)
+    max_event_bytes = requests_spec.max_event_bytes if requests_spec is not None else 1024 * 1024
 
     def principal(request: Request) -> Principal | None:
         auth = request.headers.get("authorization", "")
@@ -62,25 +76,52 @@ def create_app(settings: Settings, keys: ApiKeys | None = None) -> FastAPI:
         return keys.resolve(token.strip()) if scheme.lower() == "bearer" else None
 
     def client_ip(request: Request) -> str | None:
-        if settings.gateway_trust_forwarded_for and (fwd := request.headers.get("x-forwarded-for")):
-            return fwd.split(",")[0].strip()
-        return request.client.host if request.client else None
+        return client_address(
+            request.client.host if request.client else None,
+            request.headers.getlist("x-forwarded-for"),
+            trust_forwarded_for=settings.gateway_trust_forwarded_for,
+            trusted_proxies=settings.gateway_trusted_proxies,
+        )
 
     def unauthorized() -> JSONResponse:
         metrics.REQUESTS.labels("unauthorized", "na").inc()
         return openai_error(401, "missing or unknown API key", "authentication_error", "invalid_api_key")
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return openai_error(400, f"{where}: {first.get('msg', 'invalid request')}", "invalid_request_error")
+    def invalid(message: str, code: str | None = None, param: str | None = None) -> JSONResponse:
+        metrics.REQUESTS.labels("invalid", "na").inc()
+        return openai_error(400, message, "invalid_request_error", code, param=param)
+
+    async def read_body(request: Request) -> ChatCompletionRequest | JSONResponse:
+        """The body as a ChatCompletionRequest, or the 4xx that says why it is not one."""
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media and media != "application/json" and not media.endswith("+json"):
+            metrics.REQUESTS.labels("invalid", "na").inc()
+            return openai_error(
+                415,
+                "send the body as JSON, with Content-Type: application/json",
+                "invalid_request_error",
+                "unsupported_media_type",
+            )
+        try:
+            data = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as e:
+            return invalid(f"the body is not valid JSON: {e}", "invalid_json")
+        if not isinstance(data, dict):
+            return invalid("the body must be a JSON object", "invalid_json")
+        try:
+            return ChatCompletionRequest.model_validate(data)
+        except ValidationError as e:
+            metrics.REQUESTS.labels("invalid", "na").inc()
+            return errors.invalid_request(e)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    async def chat_completions(request: Request) -> Response:
         who = principal(request)
         if who is None:
             return unauthorized()
+        body = await read_body(request)
+        if isinstance(body, Response):
+            return body
         serving = state["serving"]
         with tracer("ragbus.gateway").start_as_current_span(
             "POST /v1/chat/completions",
@@ -89,9 +130,23 @@ def create_app(settings: Settings, keys: ApiKeys | None = None) -> FastAPI:
         ) as span:
             try:
                 chat_request = serving.to_request(body, who, client_ip(request))
-            except (BadLine, ValueError) as e:
-                return openai_error(400, str(e), "invalid_request_error")
+            except BadLine as e:
+                return invalid(str(e), param=e.param)
+            except ValidationError as e:
+                first = e.errors()[0].get("loc", ()) if e.error_count() else ()
+                return invalid(describe(e), param=openai_param(first))
+            request.state.request_id = chat_request.request_id
             span.set_attribute("ragbus.request_id", chat_request.request_id)
+            size = len(chat_request.model_dump_json().encode())
+            if size > max_event_bytes:
+                metrics.REQUESTS.labels("invalid", "na").inc()
+                return openai_error(
+                    413,
+                    f"the request is {size} bytes as an event; the chat lane takes at most "
+                    f"{max_event_bytes} (shorten the messages)",
+                    "invalid_request_error",
+                    "request_too_large",
+                )
             return await serving.create(body, chat_request)
 
     @app.get("/v1/models")

@@ -3,10 +3,22 @@ from pathlib import Path
 
 import pytest
 
-from producers.bulk.formats import BadLine, answered_ids, count_items, output_line, read_items, split_messages
+from producers.bulk.formats import (
+    CUSTOM_ID_MAX,
+    BadLine,
+    BulkItem,
+    answered_ids,
+    build_request,
+    count_items,
+    field_max_length,
+    output_line,
+    read_items,
+    safe_custom_id,
+    split_messages,
+)
 from producers.bulk.runner import request_id_for
 from producers.client.conversations import Conversations
-from schemas import ChatResponse, Citation, ErrorCode, ErrorInfo, Usage
+from schemas import ChatRequest, ChatResponse, Citation, ErrorCode, ErrorInfo, Usage
 
 
 def test_openai_batch_lines(tmp_path: Path) -> None:
@@ -122,3 +134,98 @@ def test_conversation_memory_is_bounded() -> None:
     conv.record("c2", "x", "y")
     conv.record("c3", "x", "y")
     assert conv.history("c1") == [] and conv.history(None) == []
+
+
+def _line(custom_id: object = "x", **body: object) -> str:
+    body.setdefault("messages", [{"role": "user", "content": "q"}])
+    return json.dumps({"custom_id": custom_id, "body": body})
+
+
+def _build(item: BulkItem) -> ChatRequest:
+    return build_request(item, request_id="r", tenant_id="t", user_id="u", job_id="j")
+
+
+def test_hostile_lines_become_bad_lines_one_each_and_reading_goes_on(tmp_path: Path) -> None:
+    """Each line an attacker (or a broken exporter) might write yields exactly one item; none
+    raises out of the reader, and only the good one becomes a request."""
+    longest = field_max_length(ChatRequest, "question")
+    raw = [
+        _line("good"),
+        _line("part-number", messages=[{"role": "user", "content": [{"type": "text", "text": 5}]}]),
+        _line("part-image", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+        _line("part-str", messages=[{"role": "user", "content": ["just a string"]}]),
+        _line("content-number", messages=[{"role": "user", "content": 42}]),
+        _line("robot", messages=[{"role": "robot", "content": "beep"}]),
+        _line("not-a-message", messages=["hello"]),
+        _line("messages-object", messages={"role": "user"}),
+        json.dumps({"custom_id": "no-body"}),
+        json.dumps({"custom_id": "body-list", "body": []}),
+        _line(12345),
+        _line(None),
+        "{not json",
+        "[1, 2, 3]",
+        "[" * 5000 + "]" * 5000,
+        '{"custom_id": "surrogate", "body": {"messages": [{"role": "user", "content": "\\ud800"}]}}',
+        _line("long-question", messages=[{"role": "user", "content": "q" * (longest + 1)}]),
+        _line("m" * (CUSTOM_ID_MAX + 50)),
+        _line("ctl\nid"),
+        _line("max-tokens-text", max_tokens="many"),
+        _line("max-tokens-zero", max_completion_tokens=-3),
+        _line("temperature-huge", temperature=1e9),
+        _line("model-number", model=7),
+    ]
+    path = tmp_path / "in.jsonl"
+    path.write_bytes("\n".join(raw).encode() + b"\n\xff\xfe not utf-8 \xc3\n")
+    items = list(read_items(path, "openai"))
+    assert len(items) == len(raw) + 1
+    requests, bad = [], []
+    for item in items:
+        if isinstance(item, BulkItem):
+            try:
+                requests.append(_build(item))
+            except BadLine as e:
+                bad.append(e)
+        else:
+            bad.append(item)
+    # A non-string model is ignored (the route table picks), as before.
+    assert [r.custom_id for r in requests] == ["good", "model-number"]
+    assert len(bad) == len(items) - 2
+    assert all(len(b.custom_id) <= CUSTOM_ID_MAX and str(b) for b in bad)
+    by_id = {b.custom_id: b for b in bad}
+    assert by_id["part-number"].param == "messages.[0].content.[0]"
+    assert by_id["content-number"].param == "messages.[0].content"
+    assert by_id["robot"].param == "messages.[0].role"
+    assert by_id["long-question"].param == "messages" and "at most" in str(by_id["long-question"])
+    assert by_id["max-tokens-text"].param == "max_tokens"
+    assert by_id["temperature-huge"].param == "temperature"
+    assert by_id["ctl\nid"].param == "custom_id"
+    assert by_id[safe_custom_id("m" * (CUSTOM_ID_MAX + 50))].param == "custom_id"
+    # The lines with no readable custom_id are named by their line number.
+    assert {"line-11", "line-12", "line-13", "line-14", "line-15", "line-16", "line-24"} <= set(by_id)
+    assert "not UTF-8" in str(by_id["line-24"]) and "not JSON" in str(by_id["line-15"])
+    # Error lines carry no echo of the offending input.
+    assert all("q" * 100 not in str(b) for b in bad)
+
+
+def test_safe_custom_id_cuts_long_ids_to_distinct_stable_ones() -> None:
+    assert safe_custom_id("short") == "short"
+    a, b = "a" * 1000, "a" * 999 + "b"
+    assert len(safe_custom_id(a)) == CUSTOM_ID_MAX == len(safe_custom_id(b))
+    assert safe_custom_id(a) != safe_custom_id(b) and safe_custom_id(a) == safe_custom_id(a)
+    assert safe_custom_id("x\udcff").encode("utf-8")  # a lone surrogate no longer breaks the writer
+
+
+def test_error_lines_are_openai_batch_lines_with_the_cut_id() -> None:
+    bad = BadLine("z" * 1000, "too long")
+    line = json.loads(output_line(bad.custom_id, None, ("invalid_request", str(bad))))
+    assert line["custom_id"] == safe_custom_id("z" * 1000) and line["response"] is None
+    assert line["error"] == {"code": "invalid_request", "message": "too long"}
+
+
+def test_csv_rows_that_are_not_utf8_are_bad_rows(tmp_path: Path) -> None:
+    path = tmp_path / "q.csv"
+    path.write_bytes(b"id,question\nok,fine?\nbad,caf\xe9?\n,\n")
+    items = list(read_items(path, id_column="id"))
+    assert isinstance(items[0], BulkItem) and items[0].question == "fine?"
+    assert isinstance(items[1], BadLine) and items[1].custom_id == "bad" and "UTF-8" in str(items[1])
+    assert len(items) == 2  # the empty row is skipped, as before

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class ChatCompletionMessage(BaseModel):
@@ -13,6 +13,16 @@ class ChatCompletionMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_or_parts(cls, value: Any) -> Any:
+        # One clear error at `messages.[i].content` instead of one per member of the union.
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(isinstance(p, dict) for p in value):
+            return value
+        raise ValueError("must be a string or a list of content parts (objects)")
 
 
 class StreamOptions(BaseModel):

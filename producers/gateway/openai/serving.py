@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -13,6 +14,12 @@ from producers.bulk.formats import split_messages
 from producers.client import ChatClient, ChatError, ChatTimeout
 from producers.gateway import metrics
 from producers.gateway.auth import Principal
+from producers.gateway.errors import (
+    internal_error_body,
+    openai_error,
+    pipeline_error,
+    pipeline_error_response,
+)
 from producers.gateway.openai.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -26,21 +33,9 @@ from producers.gateway.openai.protocol import (
     Usage,
     error_body,
 )
-from schemas import ChatRequest, ChatResponse, ErrorCode
+from schemas import ChatRequest, ChatResponse, SamplingParams
 
-#: How pipeline error codes surface over HTTP: (status, OpenAI error type).
-_HTTP = {
-    ErrorCode.INVALID_REQUEST: (400, "invalid_request_error"),
-    ErrorCode.CONTEXT_OVERFLOW: (400, "invalid_request_error"),
-    ErrorCode.UNKNOWN_MODEL: (404, "invalid_request_error"),
-    ErrorCode.UNAUTHORIZED: (401, "authentication_error"),
-    ErrorCode.DEADLINE_EXCEEDED: (504, "timeout"),
-    ErrorCode.CANCELLED: (499, "cancelled"),
-}
-
-
-def openai_error(status: int, message: str, type_: str, code: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, code), status_code=status)
+log = logging.getLogger(__name__)
 
 
 class OpenAIServing:
@@ -53,9 +48,20 @@ class OpenAIServing:
         return ModelList(data=[ModelCard(id=name) for name in ["ragbus", *self.models()]])
 
     def to_request(self, body: ChatCompletionRequest, who: Principal, client_ip: str | None) -> ChatRequest:
+        """The bus request of an OpenAI request; raises BadLine (messages that cannot become a
+        question) or pydantic's ValidationError (the contract refuses a field), both 400s."""
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         system, history, question = split_messages(messages)
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        # Built (so validated) by the contract: the protocol's bounds are looser than the bus's.
+        chosen = {
+            "max_tokens": body.max_completion_tokens or body.max_tokens,
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "seed": body.seed,
+            "stop": stop,
+        }
+        sampling = SamplingParams(**{k: v for k, v in chosen.items() if v is not None})
         request = self.client.request(
             question,
             tenant=who.tenant_id,
@@ -63,17 +69,12 @@ class OpenAIServing:
             history=history,
             system_prompt=system,
             model=None if body.model in ("", "ragbus") else body.model,
-            max_tokens=body.max_completion_tokens or body.max_tokens,
-            temperature=body.temperature,
             stream=body.stream,
             timeout=self.timeout,
             client_ip=client_ip,
             metadata={"api": "openai", **({"openai_user": body.user} if body.user else {})},
         )
-        if body.top_p is not None:
-            request.sampling.top_p = body.top_p
-        request.sampling.seed = body.seed
-        request.sampling.stop = stop
+        request.sampling = sampling
         return request
 
     async def create(self, body: ChatCompletionRequest, request: ChatRequest) -> Any:
@@ -90,7 +91,7 @@ class OpenAIServing:
             response = await self.client.ask_request(request, timeout=self.timeout)
         except ChatTimeout as e:
             metrics.REQUESTS.labels("timeout", kind).inc()
-            return openai_error(504, str(e), "timeout", "timeout")
+            return openai_error(504, str(e), "timeout", "timeout", request_id=request.request_id)
         except ChatError as e:
             return self._failed(e.response, kind)
         finally:
@@ -104,12 +105,8 @@ class OpenAIServing:
 
     def _failed(self, response: ChatResponse, kind: str) -> JSONResponse:
         assert response.error is not None
-        status, type_ = _HTTP.get(response.error.code, (500, "server_error"))
         metrics.REQUESTS.labels(response.error.code.value, kind).inc()
-        code = (
-            "model_not_found" if response.error.code == ErrorCode.UNKNOWN_MODEL else response.error.code.value
-        )
-        return openai_error(status, response.error.message, type_, code)
+        return pipeline_error_response(response)
 
     @staticmethod
     def _count_tokens(response: ChatResponse) -> None:
@@ -174,7 +171,11 @@ class OpenAIServing:
             yield f"data: {json.dumps(error_body(str(e), 'timeout', 'timeout'))}\n\n"
         except ChatError as e:
             metrics.REQUESTS.labels(e.code.value, "true").inc()
-            yield f"data: {json.dumps(error_body(str(e), 'server_error', e.code.value))}\n\n"
+            yield f"data: {json.dumps(pipeline_error(e.response)[1])}\n\n"
+        except Exception as e:  # noqa: BLE001 - the headers are sent: the error can only go in the stream
+            metrics.REQUESTS.labels("internal_error", "true").inc()
+            log.error("request %s: stream failed: %s: %s", request.request_id, type(e).__name__, e)
+            yield f"data: {json.dumps(internal_error_body(request.request_id))}\n\n"
         finally:
             metrics.INFLIGHT.dec()
         yield "data: [DONE]\n\n"
