@@ -9,9 +9,9 @@ searched and committed — and `finish` runs strictly in batch order, so outputs
 in order. On a 2-core machine the overlap keeps both cores busy where a plain loop would leave one
 idle during each search.
 
-This plays the role of `infra.kafka.stage.TransactionalStage` for records that faust consumes:
-faust owns the consumer (group membership, fetching, micro-batches), so this class only gets
-the batches, and the commit goes through the shared `TransactionalPublisher`.
+faust owns the consumer (group membership, fetching, micro-batches), so this class only gets the
+batches; the commit goes through `infra.kafka.publisher.TransactionalPublisher`, the same one the
+inference worker commits through.
 """
 
 from __future__ import annotations

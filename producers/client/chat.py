@@ -83,11 +83,9 @@ class ChatClient:
         client_ip: str | None = None,
         **extra: Any,
     ) -> ChatRequest:
-        sampling = SamplingParams()
-        if max_tokens is not None:
-            sampling.max_tokens = max_tokens
-        if temperature is not None:
-            sampling.temperature = temperature
+        # Built, not assigned to: validation (the contract's bounds) happens in the constructor.
+        given = {"max_tokens": max_tokens, "temperature": temperature}
+        sampling = SamplingParams(**{k: v for k, v in given.items() if v is not None})
         if history is None and self.conversations is not None:
             history = self.conversations.history(conversation_id)
         return ChatRequest(

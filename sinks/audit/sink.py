@@ -1,9 +1,9 @@
 """The audit sink's consumer loop: every `<prefix>.*` topic → `audit_log`.
 
-A plain aiokafka loop rather than `TransactionalStage`: the output is a Postgres transaction,
-not Kafka records, so exactly-once comes from idempotent writes instead — offsets are committed
-only after the rows' transaction has committed, and a replay (crash, rebalance) re-inserts rows
-that `ON CONFLICT DO NOTHING` drops.
+A plain aiokafka loop rather than the transactional publisher the processors and the worker commit
+through: the output is a Postgres transaction, not Kafka records, so exactly-once comes from
+idempotent writes instead — offsets are committed only after the rows' transaction has committed,
+and a replay (crash, rebalance) re-inserts rows that `ON CONFLICT DO NOTHING` drops.
 
 - One consumer group, `<prefix>.audit`, subscribed by regex to every topic under the prefix, DLQs
   included; a short metadata refresh picks up topics created later.

@@ -16,10 +16,11 @@ from aiokafka.admin import NewTopic
 from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 
-from infra.kafka.clients import make_admin, make_producer, transactional_id
-from infra.kafka.codec import encode
+from infra.kafka.clients import make_admin, make_consumer, make_producer, transactional_id
+from infra.kafka.codec import DecodeError, Output, decode_record, encode
+from infra.kafka.dlq import encode_dead_letter, rejection_response
 from infra.kafka.inspect import cluster_view
-from infra.kafka.stage import Incoming, TransactionalStage
+from infra.kafka.publisher import TransactionalPublisher
 from infra.settings import Settings
 from infra.smoke import round_trip
 from schemas import ChatRequest, ChatResponse, DeadLetter, Usage
@@ -30,13 +31,9 @@ from tests.integration.audit_support import audit_coords, mixed_event, readable_
 
 
 async def _echo_with_garbage(settings: Settings) -> None:
-    """A TransactionalStage run: answers in Kafka transactions, garbage to the DLQ."""
+    """Answers and dead letters published by the components' transactional publisher: answers in
+    Kafka transactions with the consumed offsets, garbage to the DLQ."""
     requests, responses = settings.topics.requests("chat"), settings.topics.responses("chat")
-
-    async def handler(batch: list[Incoming[ChatRequest]]) -> list[Any]:
-        return [[(responses, encode(ChatResponse(answer="ok", **i.event.envelope())))] for i in batch]
-
-    stage = TransactionalStage(settings, name="echo", topics=[requests], model=ChatRequest, handler=handler)
     producer = make_producer(settings)
     await producer.start()
     try:
@@ -54,19 +51,35 @@ async def _echo_with_garbage(settings: Settings) -> None:
             await producer.send_and_wait(requests, garbage)
     finally:
         await producer.stop()
-    stop = asyncio.Event()
-    task = asyncio.create_task(stage.run(stop))
 
-    async def answered() -> bool:
-        got = {r.request_id for r in await read_events(settings, responses, ChatResponse, timeout=3)}
-        return {"e0", "e1", "e2", "e-bad"} <= got
-
+    group = f"{settings.topic_prefix}.echo"
+    publisher = TransactionalPublisher(
+        settings, group_id=group, transactional_id=transactional_id(settings, "echo"), client_id="echo"
+    )
+    consumer = make_consumer(settings, requests, group_id=group)
+    await publisher.start()
+    await consumer.start()
+    pairs: list[tuple[Any, list[Output]]] = []
     try:
-        await wait_for(answered, what="the echo stage's answers")
+        while len(pairs) < 6:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                for record in records:
+                    try:
+                        event = decode_record(record, ChatRequest, max_bytes=1 << 20)
+                    except DecodeError as err:
+                        out = [encode_dead_letter(record, err, stage=group)]
+                        reply = rejection_response(record, err, topics=settings.topics)
+                        pairs.append((record, out + ([reply] if reply else [])))
+                        continue
+                    answer = ChatResponse(answer="ok", **event.envelope())  # type: ignore[arg-type]
+                    pairs.append((record, [(responses, encode(answer))]))
+        await publisher.submit(pairs)
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-    assert stage.stats.dead_letters == 3
+        await consumer.stop()
+        await publisher.stop()
+    got = {r.request_id for r in await read_events(settings, responses, ChatResponse, timeout=3)}
+    assert {"e0", "e1", "e2", "e-bad"} <= got
+    assert len(await read_events(settings, settings.topics.dlq(requests), DeadLetter)) == 3
 
 
 async def _own_events(settings: Settings, n: int) -> None:
