@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from inference_workers.engines.installed import llamacpp_available
 from infra.settings import Settings
 
 DEFAULT_MODEL_NAME = "smollm2"
@@ -101,8 +102,6 @@ def default_backend(settings: Settings) -> str:
     choice = settings.llm_backend
     if choice != "auto":
         return choice
-    from inference_workers.engines.registry import llamacpp_available
-
     return "llamacpp" if llamacpp_available() else "vllm"
 
 

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from inference_workers.config import PACKAGED, ModelSpec
 from inference_workers.engines.base import Engine, EngineError
+from inference_workers.engines.installed import llamacpp_available, vllm_installed
 from infra.settings import Settings
-
-
-def llamacpp_available() -> bool:
-    return importlib.util.find_spec("llama_cpp") is not None
-
-
-def vllm_installed() -> bool:
-    return importlib.util.find_spec("vllm") is not None
 
 
 def vllm_model_path(spec: ModelSpec, settings: Settings) -> str:

@@ -66,7 +66,8 @@ def models_main(
     if ctx.invoked_subcommand is not None:
         return
     from inference_workers.config import ConfigError, load_table
-    from inference_workers.engines.registry import llamacpp_available, loadable, vllm_installed
+    from inference_workers.engines.installed import llamacpp_available, vllm_installed
+    from inference_workers.engines.registry import loadable
 
     s = settings()
     try:
