@@ -22,6 +22,9 @@ from schemas.events import (
 DEFAULT_PREFIX = "ragbus"
 DLQ_SUFFIX = ".dlq"
 
+#: Every ragbus topic stamps records with the broker's clock (see `TopicSpec.configs`).
+TIMESTAMP_TYPE = "LogAppendTime"
+
 DAY_MS = 24 * 3600 * 1000
 MIB = 1024 * 1024
 
@@ -45,10 +48,15 @@ class TopicSpec:
         return f"{prefix}.{self.suffix}"
 
     def configs(self) -> dict[str, str]:
+        """The topic-level configs `declare_topics` sets, on creation and on existing topics."""
         return {
             "retention.ms": str(self.retention_ms),
             "cleanup.policy": self.cleanup_policy,
             "max.message.bytes": str(self.max_message_bytes),
+            # Records carry the broker's append time, not a time the producer chose: a producer's
+            # clock (or a hostile one stamping 1970 or 2999) must not decide where a record sits in
+            # time-based retention, in queue-time measurements or in the audit log's months.
+            "message.timestamp.type": TIMESTAMP_TYPE,
         }
 
 

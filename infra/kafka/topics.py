@@ -1,13 +1,19 @@
-"""Declares the ragbus topics (one list, in `schemas.topics`) on a cluster, idempotently."""
+"""Declares the ragbus topics (one list, in `schemas.topics`) on a cluster, idempotently: missing
+topics are created with their declared configs, and existing topics whose configs differ from the
+declaration are brought up to date (so `ragbus up` fixes a deployment declared by an older ragbus)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import for_code
+from aiokafka.protocol.api import Request, RequestStruct, Response
+from aiokafka.protocol.types import Array, Boolean, Int8, Int16, Int32, Schema, String
 
 from infra.kafka.clients import make_admin
 from infra.settings import Settings
@@ -25,10 +31,13 @@ class Declared:
     #: Existing topics with fewer partitions than declared: left alone (changing the count
     #: remaps keys to partitions, which is an operator's decision).
     under_partitioned: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: Existing topics whose configs were brought up to the declared values: name → {config: value}.
+    reconfigured: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 async def declare_topics(settings: Settings) -> Declared:
-    """Create every declared topic that is missing; report the ones that exist."""
+    """Create every declared topic that is missing; bring the configs of the ones that exist up to
+    the declared values (configs the declaration does not name are left as they are)."""
     prefix = settings.topic_prefix
     result = Declared()
     admin = make_admin(settings)
@@ -71,9 +80,15 @@ async def declare_topics(settings: Settings) -> Declared:
                 if parts < declared:
                     result.under_partitioned[name] = (parts, declared)
                     log.warning("topic %s has %d partitions, %d declared", name, parts, declared)
+            result.reconfigured = await _align_configs(admin, result.existing, prefix)
     finally:
         await admin.close()
-    log.info("topics: %d created, %d already present", len(result.created), len(result.existing))
+    log.info(
+        "topics: %d created, %d already present (%d reconfigured)",
+        len(result.created),
+        len(result.existing),
+        len(result.reconfigured),
+    )
     return result
 
 
@@ -91,3 +106,130 @@ async def _wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str], timeo
         if asyncio.get_running_loop().time() > deadline:
             raise TimeoutError(f"topics without partition leaders after {timeout:.0f} s")
         await asyncio.sleep(0.1)
+
+
+async def _align_configs(
+    admin: AIOKafkaAdminClient, topics: list[str], prefix: str, timeout: float = 30.0
+) -> dict[str, dict[str, str]]:
+    """Set, on each of `topics`, every declared config whose current value differs; returns what
+    was changed. Incremental (KIP-339): configs outside the declaration keep their values, so an
+    operator's own overrides (say `min.insync.replicas`) survive."""
+    wanted = {name: next(t for t in TOPICS if t.name(prefix) == name).configs() for name in topics}
+    current = await _described(admin, wanted)
+    changes = _differing(wanted, current)
+    if not changes:
+        return {}
+    response = await admin._send_request(IncrementalAlterConfigs(changes))  # noqa: SLF001 - aiokafka's admin has no incremental alter
+    for code, message, _type, name in response.responses:
+        if code != 0:
+            raise for_code(code)(
+                f"setting {', '.join(f'{k}={v}' for k, v in changes.get(name, {}).items())} on topic "
+                f"{name}: {message}; the principal needs ALTER_CONFIGS on the topic"
+            )
+    for name, diff in changes.items():
+        log.warning(
+            "topic %s: configs brought up to the declaration: %s",
+            name,
+            ", ".join(f"{k} {current.get(name, {}).get(k)!r} -> {v!r}" for k, v in diff.items()),
+        )
+    # The controller has committed the change; brokers apply it a moment later. Return once they
+    # serve it, so what starts after `ragbus up` already gets broker timestamps.
+    deadline = asyncio.get_running_loop().time() + timeout
+    while pending := _differing(changes, await _described(admin, changes)):
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(
+                f"the brokers do not show the new configs of {', '.join(sorted(pending))} after "
+                f"{timeout:.0f} s; check the broker log, then run `ragbus topics declare` again"
+            )
+        await asyncio.sleep(0.1)
+    return changes
+
+
+async def _described(
+    admin: AIOKafkaAdminClient, wanted: dict[str, dict[str, str]]
+) -> dict[str, dict[str, str]]:
+    """The current values of the configs named in `wanted` (topic → {key: value})."""
+    responses = await admin.describe_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, name, dict(cfg)) for name, cfg in wanted.items()]
+    )
+    current: dict[str, dict[str, str]] = {}
+    for response in responses:
+        for code, message, _type, name, entries, *_ in response.resources:
+            if code != 0:
+                raise for_code(code)(
+                    f"describing the configs of topic {name}: {message}; "
+                    f"the principal needs DESCRIBE_CONFIGS on the topic"
+                )
+            current[name] = {entry[0]: entry[1] for entry in entries}
+    return current
+
+
+def _differing(
+    wanted: dict[str, dict[str, str]], current: dict[str, dict[str, str]]
+) -> dict[str, dict[str, str]]:
+    """Per topic, the wanted configs whose current value is another (topics with none left out)."""
+    changes = {
+        name: {key: value for key, value in cfg.items() if current.get(name, {}).get(key) != value}
+        for name, cfg in wanted.items()
+    }
+    return {name: diff for name, diff in changes.items() if diff}
+
+
+# aiokafka 0.14 speaks only the legacy AlterConfigs, which replaces a topic's whole config set
+# (anything not sent reverts to the broker default). IncrementalAlterConfigs (API key 44, Kafka
+# 2.3+) changes just the named keys; version 0 (not flexible) is enough for SET operations.
+_SET = 0  # AlterConfigOp.OpType.SET
+
+
+class _IncrementalAlterConfigsResponseV0(Response):
+    API_KEY = 44
+    API_VERSION = 0
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        (
+            "responses",
+            Array(
+                ("error_code", Int16),
+                ("error_message", String("utf-8")),
+                ("resource_type", Int8),
+                ("resource_name", String("utf-8")),
+            ),
+        ),
+    )
+
+
+class _IncrementalAlterConfigsRequestV0(RequestStruct):
+    API_KEY = 44
+    API_VERSION = 0
+    RESPONSE_TYPE = _IncrementalAlterConfigsResponseV0
+    SCHEMA = Schema(
+        (
+            "resources",
+            Array(
+                ("resource_type", Int8),
+                ("resource_name", String("utf-8")),
+                (
+                    "configs",
+                    Array(("name", String("utf-8")), ("config_operation", Int8), ("value", String("utf-8"))),
+                ),
+            ),
+        ),
+        ("validate_only", Boolean),
+    )
+
+
+class IncrementalAlterConfigs(Request[_IncrementalAlterConfigsRequestV0]):
+    """SET `configs` (topic → {key: value}) on topics, leaving their other configs alone."""
+
+    API_KEY = 44
+
+    def __init__(self, configs: dict[str, dict[str, str]], validate_only: bool = False) -> None:
+        self._configs = configs
+        self._validate_only = validate_only
+
+    def build(self, request_struct_class: type[_IncrementalAlterConfigsRequestV0]) -> Any:
+        resources = [
+            (int(ConfigResourceType.TOPIC), topic, [(key, _SET, value) for key, value in cfg.items()])
+            for topic, cfg in self._configs.items()
+        ]
+        return request_struct_class(resources, self._validate_only)

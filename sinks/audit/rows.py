@@ -8,6 +8,11 @@ Events are parsed, not validated against their schema: the sink records what tra
 the components that own a topic route invalid events to the DLQ (which is recorded too, as
 ERROR). Bytes that are not a JSON object still get a row: their raw bytes (base64) in the
 payload and the reason in `error`.
+
+`created_at` (which also picks the row's monthly partition) is never a time the producer chose:
+it is the broker's append time when the record carries one (ragbus topics are declared with
+`message.timestamp.type=LogAppendTime`), else the time the sink received the record. A producer's
+own timestamp is kept as data only, in `producer_time`.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ COLUMNS: tuple[str, ...] = (
     "key_id",
     "error",
     "request_payload",
+    "producer_time",
+    "time_source",
 )
 Row = tuple[Any, ...]
 COL = {name: i for i, name in enumerate(COLUMNS)}
@@ -82,11 +89,56 @@ MAX_ID_CHARS = 512
 _INT4 = 2**31
 
 
-def record_time(timestamp_ms: int | None) -> datetime:
-    """The row's created_at: the record's Kafka timestamp, a pure function of the record (a
-    record without a usable timestamp maps to the epoch), so replays hit the same partition."""
-    ts = timestamp_ms if timestamp_ms is not None and 0 <= timestamp_ms <= _MAX_TS_MS else 0
-    return _EPOCH + timedelta(milliseconds=ts)
+#: aiokafka's `ConsumerRecord.timestamp_type`: 0 is CreateTime (set by the producer, anything it
+#: likes), 1 is LogAppendTime (set by the broker when it appended the record).
+CREATE_TIME, LOG_APPEND_TIME = 0, 1
+#: A broker time this far from the sink's clock is not believed either (a broker with a broken
+#: clock, or a replay of records older than any retention ragbus declares): the row takes the
+#: receive time, so no row lands in, or creates, an absurd month.
+TRUSTED_PAST = timedelta(days=365)
+TRUSTED_FUTURE = timedelta(days=1)
+#: `time_source` values: where the row's created_at came from.
+FROM_BROKER, FROM_RECEIPT = "broker", "received"
+
+
+def record_time(timestamp_ms: int | None) -> datetime | None:
+    """A Kafka timestamp as a datetime; None when the record has none (-1) or it is beyond what a
+    datetime holds."""
+    if not isinstance(timestamp_ms, int) or not 0 <= timestamp_ms <= _MAX_TS_MS:
+        return None
+    return _EPOCH + timedelta(milliseconds=timestamp_ms)
+
+
+def choose_time(
+    timestamp_ms: int | None, timestamp_type: int | None, received: datetime
+) -> tuple[datetime, str]:
+    """(created_at, time_source) of a record the sink received at `received`.
+
+    The record's timestamp counts only when the broker set it (LogAppendTime) and it lies within
+    [received - TRUSTED_PAST, received + TRUSTED_FUTURE]; a broker time is the same on every read,
+    so a replayed record gets the same created_at, and `ON CONFLICT DO NOTHING` drops it. Anything
+    else (a producer's CreateTime, from a topic not yet declared with LogAppendTime or records
+    written before it was) gets `received`: replays of those rows are dropped by the
+    `audit_log_skip_replayed` trigger, which looks the record's coordinates up instead."""
+    if timestamp_type == LOG_APPEND_TIME:
+        appended = record_time(timestamp_ms)
+        if appended is not None and received - TRUSTED_PAST <= appended <= received + TRUSTED_FUTURE:
+            return appended, FROM_BROKER
+    return received, FROM_RECEIPT
+
+
+def producer_time(timestamp_ms: int | None, timestamp_type: int | None) -> datetime | None:
+    """What the producer claimed (CreateTime), kept as data; None for a broker-stamped record
+    (the broker overwrote the claim) or a record without a representable timestamp."""
+    return record_time(timestamp_ms) if timestamp_type != LOG_APPEND_TIME else None
+
+
+def _times(record: RecordLike, received: datetime) -> tuple[datetime, datetime | None, str]:
+    """(created_at, producer_time, time_source) of `record`. Records without a timestamp type (not
+    from aiokafka) count as CreateTime: nothing vouches for their timestamp."""
+    kind = getattr(record, "timestamp_type", CREATE_TIME)
+    created, source = choose_time(record.timestamp, kind, received)
+    return created, producer_time(record.timestamp, kind), source
 
 
 def trace_id_of(traceparent: bytes | None) -> str | None:
@@ -165,30 +217,33 @@ class RowMapper:
             return named.decode("utf-8", "replace").replace("\x00", "\ufffd")[:128]
         return "dead_letter" if topic.endswith(DLQ_SUFFIX) else None
 
-    def rows(self, records: list[Any]) -> list[Row]:
+    def rows(self, records: list[Any], received: datetime | None = None) -> list[Row]:
+        """Rows of `records`, which the sink received at `received` (default: now)."""
+        received = received or datetime.now(UTC)
         out = []
         for r in records:
             try:
-                out.append(self.row(r))
+                out.append(self.row(r, received))
             except Exception as e:  # noqa: BLE001 - no record may stop the partition: keep its bytes
-                out.append(self._raw(r, None, f"unmappable: {type(e).__name__}: {e}"))
+                out.append(self._raw(r, None, f"unmappable: {type(e).__name__}: {e}", received))
         return out
 
-    def row(self, record: RecordLike) -> Row:
+    def row(self, record: RecordLike, received: datetime | None = None) -> Row:
+        received = received or datetime.now(UTC)
         value = record.value
         event_type = self.event_type(record.topic, record.headers)
         if not value:
-            return self._raw(record, event_type, "empty: the record has no value")
+            return self._raw(record, event_type, "empty: the record has no value", received)
         try:
             obj = orjson.loads(value)
         except orjson.JSONDecodeError as e:
             try:
                 value.decode("utf-8")
             except UnicodeDecodeError as u:
-                return self._raw(record, event_type, f"invalid_utf8: byte {u.start}: {u.reason}")
-            return self._raw(record, event_type, f"not_json: {e}")
+                return self._raw(record, event_type, f"invalid_utf8: byte {u.start}: {u.reason}", received)
+            return self._raw(record, event_type, f"not_json: {e}", received)
         if not isinstance(obj, dict):
-            return self._raw(record, event_type, "not_json: the value is JSON but not an object")
+            return self._raw(record, event_type, "not_json: the value is JSON but not an object", received)
 
         error = None
         payload: str | None = None
@@ -210,8 +265,9 @@ class RowMapper:
         key_id = None
         if self.keyring is not None and event_type and seal(obj, event_type, self.keyring, _where(record)):
             payload, key_id = orjson.dumps(obj).decode(), self.keyring.primary
+        created, claimed, source = _times(record, received)
         return (
-            record_time(record.timestamp),
+            created,
             record.topic,
             record.partition,
             record.offset,
@@ -230,9 +286,11 @@ class RowMapper:
             key_id,
             error,
             payload if payload is not None else value.decode("utf-8"),
+            claimed,
+            source,
         )
 
-    def _raw(self, record: RecordLike, event_type: str | None, error: str) -> Row:
+    def _raw(self, record: RecordLike, event_type: str | None, error: str, received: datetime) -> Row:
         """A row for bytes that are not an event: the bytes themselves, base64, and why."""
         raw: dict[str, Any] = {
             "raw_b64": _b64(record.value),
@@ -242,8 +300,9 @@ class RowMapper:
         key_id = None
         if self.keyring is not None and seal(raw, "raw", self.keyring, _where(record)):
             key_id = self.keyring.primary
+        created, claimed, source = _times(record, received)
         return (
-            record_time(record.timestamp),
+            created,
             record.topic,
             record.partition,
             record.offset,
@@ -262,6 +321,8 @@ class RowMapper:
             key_id,
             error[:2000],
             orjson.dumps(_without_nul(raw)).decode(),
+            claimed,
+            source,
         )
 
 
@@ -270,15 +331,18 @@ def _where(record: RecordLike) -> str:
 
 
 def unstorable(row: Row, reason: str) -> Row:
-    """The stand-in for a row Postgres refused: coordinates kept, everything else (already
-    sealed where needed) moved into the payload as base64 of its JSON."""
+    """The stand-in for a row Postgres refused: coordinates and times kept (time_source decides
+    how a replay of the record is recognised), everything else (already sealed where needed)
+    moved into the payload as base64 of its JSON."""
+    kept = ("created_at", "topic", "partition", "offset", "event_type", "key_id")
+    kept += ("producer_time", "time_source")
     original = {
         name: row[i] for i, name in enumerate(COLUMNS) if name not in ("created_at", "request_payload")
     }
     original["ip_address"] = str(original["ip_address"]) if original["ip_address"] is not None else None
     blob = orjson.dumps({"columns": original, "payload": row[COL["request_payload"]]}, default=str)
     out = [None] * len(COLUMNS)
-    for name in ("created_at", "topic", "partition", "offset", "event_type", "key_id"):
+    for name in kept:
         out[COL[name]] = row[COL[name]]
     out[COL["action_type"]] = "ERROR"
     out[COL["error"]] = f"unstorable: Postgres refused the row: {reason}"[:2000].replace("\x00", "\ufffd")

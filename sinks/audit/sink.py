@@ -24,6 +24,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -223,6 +224,8 @@ class AuditSink:
             consumer.resume(*consumer.paused())
             log.info("audit: resuming consumption")
         batches = await consumer.getmany(timeout_ms=self.poll_timeout_ms, max_records=self.batch_size)
+        # The rows' created_at where the broker did not stamp the records (never the producer's time).
+        received = datetime.now(UTC)
         records = [r for recs in batches.values() for r in recs]
         if not records:
             await self._commit_at_rest()
@@ -230,7 +233,7 @@ class AuditSink:
         # Records come in offset order per partition.
         offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items() if recs}
         self.stats.records += len(records)
-        batch = Batch(self.mapper.rows(records), offsets)
+        batch = Batch(self.mapper.rows(records, received), offsets)
         if not await self._offer(batch):
             self._pending = batch
 

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 STAGE = "audit_stage"
 _TYPES = {
     "created_at": "timestamptz",
+    "producer_time": "timestamptz",
     "partition": "integer",
     "offset": "bigint",
     "ip_address": "inet",

@@ -4,7 +4,7 @@ and kept, monthly partitions created ahead or late, retention by dropping months
 from __future__ import annotations
 
 import base64
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import orjson
@@ -13,23 +13,31 @@ from infra.kafka.codec import encode
 from infra.settings import Settings
 from schemas import ChatRequest
 from sinks.audit.partitions import drop_before, list_partitions
-from sinks.audit.rows import COL, RowMapper
-from sinks.audit.writer import AuditWriter
+from sinks.audit.rows import COL, LOG_APPEND_TIME, RowMapper
+from sinks.audit.writer import AuditWriter, month_of
 from tests.unit.test_audit_rows import Rec
 
-MAY_2018 = int(datetime(2018, 5, 17, tzinfo=UTC).timestamp() * 1000)
+#: A month long enough ago to have no partition yet, recent enough for a broker time to count.
+LATE = month_of(datetime.now(UTC) - timedelta(days=320))
+LATE_MS = int((LATE + timedelta(days=16)).timestamp() * 1000)
+HOUR_AGO_MS = int((datetime.now(UTC) - timedelta(hours=1)).timestamp() * 1000)
 
 
-def _rows(n: int, *, timestamp: int = 1_764_180_000_000, partition: int = 0) -> list[tuple]:  # type: ignore[type-arg]
+def _rows(n: int, *, timestamp: int = HOUR_AGO_MS, partition: int = 0) -> list[tuple]:  # type: ignore[type-arg]
+    """Rows of broker-stamped (LogAppendTime) records, as ragbus topics carry them."""
     mapper = RowMapper("ragbus")
     out = []
     for i in range(n):
         enc = encode(ChatRequest(question=f"q{i}", tenant_id="acme", request_id=f"r{i}"))
-        out.append(
-            mapper.row(
-                Rec("ragbus.chat.requests", enc.value, partition=partition, offset=i, timestamp=timestamp)
-            )
+        record = Rec(
+            "ragbus.chat.requests",
+            enc.value,
+            partition=partition,
+            offset=i,
+            timestamp=timestamp,
+            timestamp_type=LOG_APPEND_TIME,
         )
+        out.append(mapper.row(record))
     return out
 
 
@@ -76,7 +84,7 @@ async def test_months_get_partitions_even_late_and_retention_drops_them(settings
         now = datetime.now(UTC)
         assert f"audit_log_y{now:%Y}m{now:%m}" in names and names[-1] == "audit_log_default"
         # A row of a month without a partition lands in the default partition...
-        early = _rows(1, timestamp=MAY_2018, partition=9)[0]
+        early = _rows(1, timestamp=LATE_MS, partition=9)[0]
         cols = ", ".join(
             f'"{c}"' for c in ("created_at", "topic", "partition", "offset", "action_type", "request_payload")
         )
@@ -85,13 +93,13 @@ async def test_months_get_partitions_even_late_and_retention_drops_them(settings
             *(early[COL[c]] for c in ("created_at", "topic", "partition", "offset")),
         )
         # ...and moves into the month's own partition when the writer meets that month.
-        result = await writer.write(_rows(3, timestamp=MAY_2018, partition=9))
+        result = await writer.write(_rows(3, timestamp=LATE_MS, partition=9))
         assert (result.inserted, result.duplicates) == (2, 1)
         where = dict(await conn.fetch("SELECT tableoid::regclass::text, count(*) FROM audit_log GROUP BY 1"))
-        assert where == {"audit_log_y2018m05": 3}
+        assert where == {f"audit_log_y{LATE:%Y}m{LATE:%m}": 3}
 
-        doomed = await drop_before(conn, datetime(2018, 6, 1, tzinfo=UTC))
-        assert [p.name for p in doomed] == ["audit_log_y2018m05"]
+        doomed = await drop_before(conn, month_of(LATE + timedelta(days=32)))
+        assert [p.name for p in doomed] == [f"audit_log_y{LATE:%Y}m{LATE:%m}"]
         assert await conn.fetchval("SELECT count(*) FROM audit_log") == 0
         assert "audit_log_default" in [p.name for p in await list_partitions(conn)]
     finally:

@@ -1,11 +1,12 @@
-"""Record → audit row mapping: actions, lifted columns, undecodable bytes, determinism."""
+"""Record → audit row mapping: actions, lifted columns, undecodable bytes, the row's time (never
+the producer's), determinism."""
 
 from __future__ import annotations
 
 import base64
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -24,7 +25,21 @@ from schemas import (
     Usage,
 )
 from schemas.topics import TOPICS
-from sinks.audit.rows import ACTIONS, COL, COLUMNS, RowMapper, record_time, trace_id_of, unstorable
+from sinks.audit.rows import (
+    ACTIONS,
+    COL,
+    COLUMNS,
+    CREATE_TIME,
+    FROM_BROKER,
+    FROM_RECEIPT,
+    LOG_APPEND_TIME,
+    RowMapper,
+    choose_time,
+    producer_time,
+    record_time,
+    trace_id_of,
+    unstorable,
+)
 from sinks.audit.writer import CREATE_STAGE, refused
 
 PREFIX = "ragbus"
@@ -38,6 +53,8 @@ class Rec:
     partition: int = 0
     offset: int = 7
     timestamp: int = 1_764_180_000_123
+    #: aiokafka's ConsumerRecord.timestamp_type: CreateTime unless a test says the broker stamped it.
+    timestamp_type: int = CREATE_TIME
     key: bytes | None = None
     headers: list[tuple[str, bytes]] = field(default_factory=list)
 
@@ -153,11 +170,74 @@ def test_topics_outside_the_contract_use_the_event_type_header() -> None:
     assert col(mapper.row(Rec(f"{PREFIX}.something.new.dlq", b"{}")), "action_type") == "ERROR"
 
 
-def test_created_at_is_the_record_timestamp_and_deterministic() -> None:
+NOW = datetime(2026, 12, 4, 15, 0, tzinfo=UTC)
+YEAR_2999_MS = 32_503_593_600_000  # 2999-12-31T00:00Z
+
+
+def _ms(when: datetime) -> int:
+    return int(when.timestamp() * 1000)
+
+
+def test_record_time_is_none_without_a_representable_timestamp() -> None:
     assert record_time(1_764_180_000_123) == datetime(2025, 11, 26, 18, 0, 0, 123000, tzinfo=UTC)
-    assert record_time(None) == record_time(-1) == record_time(2**62) == datetime(1970, 1, 1, tzinfo=UTC)
-    r = rec("chat.requests", ChatRequest(question="q", tenant_id="acme"))
-    assert RowMapper(PREFIX).row(r) == RowMapper(PREFIX).row(r)
+    assert record_time(0) == datetime(1970, 1, 1, tzinfo=UTC)
+    assert record_time(None) is record_time(-1) is record_time(2**62) is None
+
+
+def test_only_a_plausible_broker_time_becomes_created_at() -> None:
+    hour_ago = NOW - timedelta(hours=1)
+    assert choose_time(_ms(hour_ago), LOG_APPEND_TIME, NOW) == (hour_ago, FROM_BROKER)
+    # The window's edges: a year back and a day ahead are believed, a millisecond beyond is not.
+    for edge in (NOW - timedelta(days=365), NOW + timedelta(days=1)):
+        assert choose_time(_ms(edge), LOG_APPEND_TIME, NOW) == (edge, FROM_BROKER)
+    for beyond in (NOW - timedelta(days=365, milliseconds=1), NOW + timedelta(days=1, milliseconds=1)):
+        assert choose_time(_ms(beyond), LOG_APPEND_TIME, NOW) == (NOW, FROM_RECEIPT)
+    # A broker time from 1970 or 2999 (a broken broker clock) does not make an absurd month either.
+    for absurd in (0, YEAR_2999_MS, -1, 2**62, None):
+        assert choose_time(absurd, LOG_APPEND_TIME, NOW) == (NOW, FROM_RECEIPT)
+
+
+def test_a_producer_time_is_never_created_at_but_is_kept_as_data() -> None:
+    for claimed in (0, YEAR_2999_MS, _ms(NOW - timedelta(minutes=5)), _ms(NOW), -1, 2**62, None):
+        assert choose_time(claimed, CREATE_TIME, NOW) == (NOW, FROM_RECEIPT)
+        assert choose_time(claimed, None, NOW) == (NOW, FROM_RECEIPT)
+    assert producer_time(0, CREATE_TIME) == datetime(1970, 1, 1, tzinfo=UTC)
+    assert producer_time(YEAR_2999_MS, CREATE_TIME) == datetime(2999, 12, 31, tzinfo=UTC)
+    assert producer_time(-1, CREATE_TIME) is None and producer_time(2**62, CREATE_TIME) is None
+    # A broker-stamped record no longer carries the producer's claim.
+    assert producer_time(_ms(NOW), LOG_APPEND_TIME) is None
+
+
+def test_rows_take_their_time_from_the_broker_or_the_receipt() -> None:
+    mapper = RowMapper(PREFIX)
+    event = ChatRequest(question="q", tenant_id="acme")
+    later = NOW + timedelta(seconds=30)
+    stamped = rec("chat.requests", event, timestamp=_ms(NOW), timestamp_type=LOG_APPEND_TIME)
+    # A broker time is a pure function of the record: a replay read later maps to the same row.
+    assert mapper.row(stamped, NOW) == mapper.row(stamped, later)
+    row = mapper.row(stamped, later)
+    assert (col(row, "created_at"), col(row, "producer_time"), col(row, "time_source")) == (
+        NOW,
+        None,
+        FROM_BROKER,
+    )
+    for value in (encode(event).value, b"not json {"):  # events and undecodable bytes alike
+        for claimed in (0, YEAR_2999_MS):
+            r = Rec(f"{PREFIX}.chat.requests", value, timestamp=claimed, timestamp_type=CREATE_TIME)
+            (row,) = mapper.rows([r], later)
+            assert col(row, "created_at") == later and col(row, "time_source") == FROM_RECEIPT
+            assert col(row, "producer_time") == record_time(claimed)
+    # Without an explicit receive time, the mapping time is used.
+    before = datetime.now(UTC)
+    row = mapper.row(Rec(f"{PREFIX}.chat.requests", encode(event).value, timestamp=0))
+    assert before <= col(row, "created_at") <= datetime.now(UTC)
+
+
+def test_the_time_sources_match_the_migration_check() -> None:
+    sql = (MIGRATIONS_DIR / "0006_audit_time.sql").read_text()
+    check = re.search(r"time_source IN \((.*?)\)", sql)
+    assert check is not None
+    assert re.findall(r"'(\w+)'", check.group(1)) == [FROM_BROKER, FROM_RECEIPT]
 
 
 def test_trace_ids() -> None:
@@ -183,9 +263,9 @@ def test_staging_table_has_the_row_columns_in_order() -> None:
 
 
 def test_unstorable_keeps_the_coordinates_and_the_content() -> None:
-    row = RowMapper(PREFIX).row(rec("chat.requests", ChatRequest(question="q", tenant_id="acme")))
+    row = RowMapper(PREFIX).row(rec("chat.requests", ChatRequest(question="q", tenant_id="acme")), NOW)
     stand_in = unstorable(row, "invalid input syntax")
-    for name in ("created_at", "topic", "partition", "offset"):
+    for name in ("created_at", "topic", "partition", "offset", "producer_time", "time_source"):
         assert col(stand_in, name) == col(row, name)
     assert col(stand_in, "action_type") == "ERROR" and "invalid input syntax" in col(stand_in, "error")
     blob = orjson.loads(base64.b64decode(orjson.loads(col(stand_in, "request_payload"))["unstorable_b64"]))
@@ -205,7 +285,7 @@ def test_refused_means_the_data_not_the_connection() -> None:
 
 def test_a_record_that_breaks_the_mapping_still_gets_a_row() -> None:
     class Broken(RowMapper):
-        def row(self, record: Any) -> tuple[Any, ...]:
+        def row(self, record: Any, received: datetime | None = None) -> tuple[Any, ...]:
             raise RuntimeError("a bug in the mapping")
 
     (row,) = Broken(PREFIX).rows([Rec(f"{PREFIX}.chat.requests", b'{"tenant_id": "acme"}')])
