@@ -62,7 +62,8 @@ async def test_bombs_and_a_slow_document_do_not_hold_up_the_next_one(settings: S
 
     print(
         f"normal document: IngestResult {normal_s:.1f} s after the bombs were produced "
-        f"(total_ms {results[normal.request_id].timings.total_ms:.0f}, deadline {DEADLINE_S} s); "
+        f"(total_ms {results[normal.request_id].timings.total_ms:.0f}, "
+        f"parse_ms {results[normal.request_id].timings.parse_ms:.0f}, deadline {DEADLINE_S} s); "
         + ", ".join(
             f"{d.doc_id}: {results[d.request_id].status} parse_ms {results[d.request_id].timings.parse_ms}"
             for d in [*bombs, slow]
