@@ -112,6 +112,23 @@ class Settings(BaseSettings):
     chunk_overlap_tokens: int = Field(default=40, ge=0)
     ingest_batch_size: int = Field(default=8, ge=1, description="Documents per ingestion micro-batch.")
     ingest_max_wait_ms: float = Field(default=50.0, ge=0)
+    # Parsing runs in worker processes (processors/parse_pool.py) that are killed at the deadline,
+    # so one hostile document costs at most parse_timeout_s, never the ingestion of the others.
+    parse_workers: int = Field(
+        default=2, ge=1, description="Parser processes: documents of a micro-batch parsed at once."
+    )
+    parse_timeout_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="Longest one document may take to parse; then its parser is killed and the document "
+        "fails with parse_timeout (a large PDF may need several seconds).",
+    )
+    parse_memory_mb: int = Field(
+        default=1024, ge=0, description="Address-space limit of each parser process (0: none)."
+    )
+    parse_max_text_chars: int = Field(
+        default=16_000_000, ge=1, description="Most text one document may yield (more: too_large)."
+    )
     milvus_search_ef: int = Field(default=64, ge=1, description="HNSW ef at search time (at least top_k).")
 
     # --- inference ---------------------------------------------------------------------------

@@ -236,6 +236,9 @@ class Processors:
                 await stage.flush()
             except (Exception, asyncio.CancelledError) as e:  # noqa: BLE001 - the records are read again
                 log.warning("%s: its last batch was not committed: %r", stage.name, e)
+        ingest = self.stages.get("ingest")
+        if isinstance(ingest, IngestStage):
+            await ingest.close()  # its parser processes
         await self.publisher.stop()
         if self.embedder is not None:
             self.embedder.close()

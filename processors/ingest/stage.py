@@ -1,6 +1,7 @@
 """Documents in, chunks in Milvus and an IngestResult out, for a micro-batch of DocumentIngest.
 
-Every upsert of the batch is parsed and chunked on a worker thread, all their chunks are embedded
+Every upsert of the batch is parsed in the parse pool's worker processes (all at once, each within
+a deadline: processors/parse_pool.py) and chunked on a worker thread, all their chunks are embedded
 together (at ingestion priority, so questions go first), and the Milvus writes are applied in the
 order of the events, so an upsert followed by a delete of the same document ends deleted.
 Replaying a batch after a crash rewrites the same rows (primary keys derive from the event).
@@ -23,7 +24,8 @@ from infra.kafka.publisher import TransactionalPublisher
 from infra.settings import Settings
 from processors.chunking import Chunk, Chunker
 from processors.embedding import Embedder, Priority
-from processors.parsing import ParseError, parse
+from processors.parse_pool import ParsePool, ParseTimeout
+from processors.parsing import ParsedDocument, ParseError
 from processors.records import RecordView
 from processors.stage import BatchStage, Incoming, Result
 from processors.store import ChunkRow, ChunkStore, DocumentMeta
@@ -34,7 +36,14 @@ log = logging.getLogger(__name__)
 
 
 class IngestFailed(RuntimeError):
-    """The document could not be indexed (unreadable content, or the model or Milvus failed)."""
+    """The document could not be indexed (unreadable content, or the model or Milvus failed).
+
+    `error_class` goes into the dead letter: `processing`, or why parsing gave up on a hostile
+    document (`parse_timeout`, `too_large`)."""
+
+    def __init__(self, message: str, *, error_class: str = "processing") -> None:
+        super().__init__(message)
+        self.error_class = error_class
 
 
 @dataclass
@@ -73,34 +82,60 @@ class IngestStage(BatchStage[DocumentIngest]):
             min(settings.chunk_overlap_tokens, min(settings.chunk_tokens, embedder.max_tokens) // 2),
         )
         self.results_topic = settings.topics.docs_ingested
+        self.parser = ParsePool(
+            workers=settings.parse_workers,
+            timeout_s=settings.parse_timeout_s,
+            memory_mb=settings.parse_memory_mb,
+            max_text_chars=settings.parse_max_text_chars,
+        )
 
-    def parse_and_chunk(self, doc: DocumentIngest) -> _Parsed:
-        """Parse and chunk one document (blocking: runs on a worker thread)."""
-        t0 = time.perf_counter()
-        parsed = parse(doc)
-        t1 = time.perf_counter()
+    async def close(self) -> None:
+        """Stop the parser processes."""
+        await self.parser.close()
+
+    async def parse(self, doc: DocumentIngest) -> tuple[ParsedDocument, float] | IngestFailed:
+        """One document's text in a parser process (and how long it took, ms), or why not."""
+        started = time.perf_counter()
+        try:
+            parsed = await self.parser.parse(doc)
+        except (ParseTimeout, ParseError) as e:
+            return IngestFailed(str(e), error_class=getattr(e, "error_class", "processing"))
+        except Exception as e:
+            log.exception("%s: parsing %s failed", self.name, doc.doc_id)
+            return IngestFailed(f"parsing failed: {type(e).__name__}: {e}")
+        return parsed, _ms(started)
+
+    def chunk(self, parsed: ParsedDocument, parse_ms: float) -> _Parsed:
+        """Chunk one parsed document (blocking: runs on a worker thread, the tokenizer's one)."""
+        started = time.perf_counter()
         chunks = self.chunker.split(parsed.text, self.embedder.token_spans)
-        t2 = time.perf_counter()
         if not chunks:
             raise ParseError("the document has no text to index")
-        return _Parsed(parsed.title, chunks, (t1 - t0) * 1000, (t2 - t1) * 1000)
+        return _Parsed(parsed.title, chunks, parse_ms, _ms(started))
 
     async def prepare(self, batch: list[Incoming[DocumentIngest]]) -> _Embedded:
-        """Parse and chunk every upsert (worker thread), embed all their chunks together."""
+        """Parse every upsert (all at once, in the parser processes), chunk them (worker thread),
+        embed all their chunks together."""
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
+        upserts = [item.event for item in batch if item.event.op != "delete"]
+        parsed = iter(await asyncio.gather(*(self.parse(doc) for doc in upserts)))
         prepared: list[_Parsed | BaseException | None] = []
         for item in batch:
             if item.event.op == "delete":
                 prepared.append(None)
                 continue
+            result = next(parsed)
+            if isinstance(result, BaseException):
+                prepared.append(result)
+                continue
             try:
-                prepared.append(await loop.run_in_executor(None, self.parse_and_chunk, item.event))
+                prepared.append(await loop.run_in_executor(None, self.chunk, *result))
             except ParseError as e:
                 prepared.append(IngestFailed(str(e)))
             except Exception as e:
-                log.exception("%s: parsing %s failed", self.name, item.event.doc_id)
-                prepared.append(IngestFailed(f"parsing failed: {type(e).__name__}: {e}"))
+                log.exception("%s: chunking %s failed", self.name, item.event.doc_id)
+                prepared.append(IngestFailed(f"chunking failed: {type(e).__name__}: {e}"))
 
         texts = [c.text for p in prepared if isinstance(p, _Parsed) for c in p.chunks]
         embed_started = time.perf_counter()

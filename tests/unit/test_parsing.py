@@ -3,6 +3,8 @@ items on lines of their own) and a title when the document has one."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from processors.parsing import ParseError, parse, parse_content
@@ -99,3 +101,70 @@ def test_parse_prefers_the_event_title_and_rejects_empty_documents() -> None:
     assert parse(doc).title == "Given"
     with pytest.raises(ParseError, match="no text"):
         parse(DocumentIngest(tenant_id="t", doc_id="d", text="  \n "))
+
+
+def test_markdown_lists_quotes_entities_and_inline_html() -> None:
+    source = """Handbook
+========
+
+Intro with a [ref link][r], snake_case_name, &amp; \\*stars\\*.
+
+[r]: https://example.com
+
+> Quoted text
+> continues.
+
+1. first
+2. second
+   - nested <b>bold</b>
+
+<div class="note">A <i>raw</i> HTML block</div>
+"""
+    doc = parse_content("text/markdown", text=source)
+    assert doc.title == "Handbook"
+    assert doc.text.splitlines() == [
+        "Handbook",
+        "",
+        "Intro with a ref link, snake_case_name, & *stars*.",
+        "",
+        "Quoted text",
+        "continues.",
+        "",
+        "1. first",
+        "2. second",
+        "- nested bold",
+        "",
+        "A raw HTML block",
+    ]
+
+
+def test_html_with_a_head_left_open_keeps_its_body() -> None:
+    doc = parse_content("text/html", text="<head><title>T</title><body><p>a &amp; b</p><h1>H <i>1</i></h1>")
+    assert doc.title == "T"
+    assert doc.text == "a & b\n\nH 1"
+    assert parse_content("text/html", text="<p>x</p><h1>First <b>heading</b></h1><h1>2</h1>").title == (
+        "First heading"
+    )
+
+
+# Inputs that made the old parsers (BeautifulSoup's tree, backtracking emphasis regexes) take
+# tens of seconds; the streaming parsers take milliseconds. The bound asserted is loose (a slow
+# shared CI machine), the time measured is printed (pytest -s).
+BOMBS = {
+    "html-div-nest-20000": ("text/html", "<div>" * 20_000 + "deep" + "</div>" * 20_000),
+    "markdown-star-a-8000": ("text/markdown", "*a " * 8000),
+    "html-unclosed-h1-and-divs": ("text/html", "<h1>" + "<div>x" * 20_000),
+    "markdown-brackets": ("text/markdown", "[" * 20_000 + "a"),
+    "markdown-quote-nest": ("text/markdown", ">" * 20_000 + " deep"),
+}
+
+
+@pytest.mark.parametrize("name", BOMBS)
+def test_parser_bombs_parse_quickly(name: str) -> None:
+    content_type, source = BOMBS[name]
+    started = time.perf_counter()
+    doc = parse_content(content_type, text=source)
+    elapsed = time.perf_counter() - started
+    print(f"{name}: {len(source):,} chars parsed in {elapsed * 1000:.0f} ms")
+    assert elapsed < 5.0
+    assert len(doc.title or "") <= 2048
