@@ -115,25 +115,11 @@ def sink_run(
     `ragbus status`. Encrypts prompts, context and answers when RAGBUS_AUDIT_ENCRYPTION_KEYS or
     RAGBUS_AUDIT_KEY_FILE is set.
     """
-    import signal
-
-    from infra.logs import setup_logging
-    from infra.telemetry import setup_telemetry
+    from infra.runtime import run_component
     from sinks.audit.sink import AuditSink
 
     s = settings()
-    setup_logging(s.log_level, component="audit-sink")
-    setup_telemetry(s, "audit-sink")
-    keyring = _keyring(s)
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await AuditSink(s, batch_size=batch_size, keyring=keyring).run(stop)
-
-    asyncio.run(main())
+    run_component("audit-sink", s, AuditSink(s, batch_size=batch_size, keyring=_keyring(s)).run)
 
 
 @sink_app.command("keygen")

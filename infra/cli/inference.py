@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import signal
 
@@ -37,24 +35,11 @@ def worker_run() -> None:
     past RAGBUS_LLM_MAX_INFLIGHT held requests the worker pauses its partitions. Answers, dead
     letters and offsets commit in one Kafka transaction per batch. SIGHUP reloads the models.
     """
+    from inference_workers.worker.service import InferenceWorker
+    from infra.runtime import run_component
+
     s = settings()
-    from infra.telemetry import setup_telemetry
-
-    setup_telemetry(s, "worker")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-    async def main() -> None:
-        from inference_workers.worker.service import InferenceWorker
-
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
-        worker = InferenceWorker(s)
-        await worker.run(stop)
-
-    asyncio.run(main())
+    run_component("worker", s, InferenceWorker(s).run)
 
 
 @models_app.callback()

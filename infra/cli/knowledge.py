@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-import signal
 from pathlib import Path
 
 import typer
@@ -33,26 +31,15 @@ def run() -> None:
     chat/bulk.requests (an EnrichedRequest on chat/bulk.enriched); outputs are exactly-once
     for read_committed readers.
     """
-    from infra.logs import setup_logging
-    from infra.telemetry import setup_telemetry
+    from infra.runtime import run_component
     from processors.service import Processors, ProcessorsError
     from processors.store import StoreError
 
     s = settings()
-    setup_logging(s.log_level, component="processors")
-    for noisy in ("faiss", "milvus_lite", "transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-    setup_telemetry(s, "processors")
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await Processors(s).run(stop)
-
     try:
-        asyncio.run(main())
+        run_component(
+            "processors", s, Processors(s).run, quiet=("faiss", "milvus_lite", "transformers", "httpx")
+        )
     except (ProcessorsError, StoreError) as e:
         err_console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(1) from None

@@ -61,7 +61,7 @@ async def _send_at(settings: Settings, topic: str, items: list[tuple[bytes, int]
     await producer.start()
     try:
         for value, timestamp_ms in items:
-            await producer.send_and_wait(topic, value, timestamp_ms=timestamp_ms)
+            await producer.send_and_wait(topic, value, timestamp_ms=timestamp_ms, partition=0)
     finally:
         await producer.stop()
 
