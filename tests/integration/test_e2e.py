@@ -28,12 +28,12 @@ from pydantic import SecretStr
 
 from infra.kafka.topics import declare_topics
 from infra.procs import free_port
-from infra.provision import KafkaService, PostgresService, create_database
 from infra.settings import Settings
 from schemas import ChatResponse
 from tests.conftest import unique
 from tests.helpers import read_topic, run_ragbus, spawn, wait_for
 from tests.integration.audit_support import audit_coords, readable_records
+from tests.provision import KafkaService, PostgresService, create_database
 
 SAMPLES = Path(__file__).resolve().parents[2] / "producers" / "samples"
 KEY = "sk-e2e-" + uuid.uuid4().hex
