@@ -89,6 +89,7 @@ class BacklogCounter:
     ):
         self.limit = limit
         self.seconds = seconds
+        self._started = False
         self._consumer = make_consumer(
             settings,
             group_id=None,
@@ -99,11 +100,13 @@ class BacklogCounter:
         )
 
     async def __aenter__(self) -> BacklogCounter:
-        await self._consumer.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._consumer.stop()
+        # Started only when there was something to count: stop() right after start() raises
+        # CancelledError for a consumer without a group (aiokafka 0.14), and most groups have no backlog.
+        if self._started:
+            await self._consumer.stop()
 
     async def count(self, starts: dict[TopicPartition, int]) -> tuple[dict[TopicPartition, int], set[str]]:
         """(partition → records from its start offset to its LSO, topics whose count was cut short)."""
@@ -111,6 +114,9 @@ class BacklogCounter:
         counts = dict.fromkeys(starts, 0)
         if not starts:
             return counts, set()
+        if not self._started:
+            await consumer.start()
+            self._started = True
         # The consumer reads committed records only, so its end offsets are the LSOs.
         stable = await consumer.end_offsets(list(starts))
         pending = {tp for tp, start in starts.items() if start < stable[tp]}

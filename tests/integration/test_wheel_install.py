@@ -1,5 +1,5 @@
 """The built wheel is the product: installed (not editable) into a fresh virtual environment, with
-the source tree out of reach, `ragbus up`, `ragbus smoke` and `ragbus down` work. This catches data
+the source tree out of reach, `ragbus up`, `smoke`, `status` and `down` work. This catches data
 files the product reads at run time (the broker's log4j2 config, the jar list, migrations, schemas,
 demo samples) missing from the package, and product code importing test-only modules.
 
@@ -18,8 +18,6 @@ import sysconfig
 import time
 import zipfile
 from pathlib import Path
-
-import pytest
 
 from infra.kafka.jars import ensure_jars
 from infra.procs import free_port
@@ -47,8 +45,6 @@ from infra.postgres.migrations import MIGRATIONS_DIR
 from schemas.export import JSON_DIR
 print(infra.__file__, schemas.__file__, LOG4J2, POM, next(MIGRATIONS_DIR.glob("*.sql")), JSON_DIR, SAMPLES)
 """
-
-pytestmark = pytest.mark.slow
 
 
 def _run(cmd: list[str | Path], *, timeout: float, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -134,10 +130,12 @@ def test_wheel_runs_the_stack_from_a_fresh_environment(tmp_path: Path) -> None:
         assert "topics: 14 created" in up.stdout, up.stdout
         smoke = _run([ragbus, "smoke"], timeout=180, cwd=work, env=env)
         assert "Traceback" not in smoke.stdout + smoke.stderr
+        status = _run([ragbus, "status"], timeout=120, cwd=work, env=env)
+        assert "consumer groups" in status.stdout, status.stdout
     finally:
         down = subprocess.run(
             [str(ragbus), "down"], capture_output=True, text=True, timeout=120, cwd=work, env=env, check=False
         )
     assert down.returncode == 0, down.stdout + down.stderr
     assert "local stack stopped" in down.stdout
-    print(f"wheel build + install + up + smoke + down: {time.monotonic() - started:.1f} s")
+    print(f"wheel build + install + up + smoke + status + down: {time.monotonic() - started:.1f} s")
