@@ -13,7 +13,7 @@ What it measures:
   `audit_log` with the same schema and indexes. This is the floor the sink builds on.
 - `audit_ratio` = audit / raw.
 
-Services come from `infra.provision` (RAGBUS_TEST_KAFKA_BOOTSTRAP / RAGBUS_TEST_PG_DSN, Docker, or
+Services come from `tests.provision` (RAGBUS_TEST_KAFKA_BOOTSTRAP / RAGBUS_TEST_PG_DSN, Docker, or
 local processes). Run: `.venv/bin/python bench/audit.py [--quick] [--events N]`.
 """
 
@@ -42,7 +42,6 @@ from infra.kafka.clients import make_consumer, make_producer
 from infra.kafka.codec import Encoded, encode
 from infra.kafka.topics import declare_topics
 from infra.postgres.migrations import migrate
-from infra.provision import create_database, kafka_service, postgres_service
 from infra.settings import Settings
 from schemas import (
     ChatRequest,
@@ -56,6 +55,7 @@ from schemas.topics import TOPICS
 from sinks.audit.rows import COLUMNS, Row, RowMapper
 from sinks.audit.sink import AuditSink
 from sinks.audit.writer import CREATE_STAGE, INSERT, STAGE
+from tests.provision import create_database, kafka_service, postgres_service
 
 CACHE = Path(os.environ.get("RAGBUS_TEST_CACHE", Path.home() / ".cache" / "ragbus"))
 #: Python CPU microseconds per event/row in each path (the rest of the wall time is Postgres,

@@ -38,11 +38,11 @@ from tqdm import tqdm
 
 from bench.components import ComponentProcess, bench_settings
 from infra.kafka.topics import declare_topics
-from infra.provision import kafka_service
 from infra.settings import Settings
 from processors.ingest.client import discover, ingest_files
 from producers.client import ChatClient, ChatError, ChatTimeout
 from schemas import ChatResponse
+from tests.provision import kafka_service
 
 log = logging.getLogger("bench.e2e")
 ROOT = Path(__file__).resolve().parents[1]

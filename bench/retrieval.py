@@ -14,7 +14,7 @@ straight to the libraries it uses, in one run.
 - `retrieval_ratio` = processor questions/s ÷ raw questions/s (goal ≥ 0.90).
 
 The corpus (synthetic policy documents for three tenants) is ingested through `docs.ingest` first.
-The broker is a throwaway one (infra.provision).
+The broker is a throwaway one (tests.provision).
 
 Usage: .venv/bin/python bench/retrieval.py [--quick] [--questions N] [--docs D]
 """
@@ -44,11 +44,11 @@ from infra.kafka.clients import make_consumer, make_producer
 from infra.kafka.codec import encode
 from infra.kafka.topics import declare_topics
 from infra.milvus import make_milvus_client
-from infra.provision import kafka_service
 from infra.settings import Settings
 from processors.embedding import load_model
 from processors.store import OUTPUT_FIELDS, quote, release_lite
 from schemas import ChatRequest, DocumentIngest
+from tests.provision import kafka_service
 
 log = logging.getLogger("bench.retrieval")
 

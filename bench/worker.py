@@ -10,7 +10,7 @@ straight to the same engine as one offline batch, in one run.
 - added latency: single requests, one at a time, through the bus (send → committed response seen
   by a read_committed consumer) minus the same request straight to the engine; p50 and p99.
 
-The broker is a throwaway one (infra.provision). Usage:
+The broker is a throwaway one (tests.provision). Usage:
     .venv/bin/python bench/worker.py [--quick] [--requests N] [--max-tokens T] [--backend llamacpp]
 """
 
@@ -42,9 +42,9 @@ from inference_workers.worker.service import InferenceWorker
 from infra.kafka.clients import make_consumer, make_producer
 from infra.kafka.codec import encode
 from infra.kafka.topics import declare_topics
-from infra.provision import kafka_service
 from infra.settings import Settings
 from schemas import ChatRequest, ChatResponse, EnrichedRequest, RetrievedChunk, SamplingParams
+from tests.provision import kafka_service
 
 log = logging.getLogger("bench.worker")
 

@@ -1,7 +1,7 @@
 """Session-wide services (one broker, one Postgres server) and per-test isolation: each test gets
 its own topic prefix, database and Milvus collection.
 
-Services follow one policy (infra/provision.py): an env var names a running service → use it;
+Services follow one policy (tests/provision.py): an env var names a running service → use it;
 else a Docker engine → testcontainers; else the project's own local processes.
 """
 
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.provision import (
+from infra.settings import Settings
+from tests.provision import (
     KafkaService,
     PostgresService,
     create_database,
@@ -22,7 +23,6 @@ from infra.provision import (
     milvus_service,
     postgres_service,
 )
-from infra.settings import Settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

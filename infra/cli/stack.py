@@ -60,7 +60,9 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print as JSON."))
                 "services": [asdict(x) for x in states],
                 "components": [asdict(c) for c in components],
                 "topics": [asdict(t) | {"messages": t.messages} for t in view.topics] if view else [],
-                "groups": [asdict(g) | {"total_lag": g.total_lag} for g in view.groups] if view else [],
+                "groups": [asdict(g) | {"total_lag": g.total_lag, "exact": g.exact} for g in view.groups]
+                if view
+                else [],
             }
         )
         raise typer.Exit(0 if all(x.healthy for x in states) else 1)
@@ -77,8 +79,11 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print as JSON."))
         for col in ("group", "lag", "per topic"):
             groups.add_column(col)
         for g in view.groups:
+            at_least = set(g.lag_at_least)
             groups.add_row(
-                g.group_id, str(g.total_lag), ", ".join(f"{k}={v}" for k, v in sorted(g.lag.items()))
+                g.group_id,
+                ("" if g.exact else "≥") + str(g.total_lag),
+                ", ".join(f"{k}={'≥' if k in at_least else ''}{v}" for k, v in sorted(g.lag.items())),
             )
         if not view.groups:
             groups.add_row("(none yet)", "", "")

@@ -9,13 +9,18 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+<<<<<<< HEAD
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+=======
+from aiokafka import TopicPartition
+from aiokafka.admin import NewTopic
+>>>>>>> h-kitbits
 from aiokafka.errors import for_code
 from aiokafka.protocol.api import Request, RequestStruct, Response
 from aiokafka.protocol.types import Array, Boolean, Int8, Int16, Int32, Schema, String
 
-from infra.kafka.clients import make_admin
+from infra.kafka.clients import make_admin, make_consumer
 from infra.settings import Settings
 from schemas.topics import TOPICS
 
@@ -69,8 +74,6 @@ async def declare_topics(settings: Settings) -> Declared:
                 else:
                     message = rest[0] if rest else ""
                     raise for_code(code)(f"creating topic {topic}: {message}")
-        if result.created:
-            await _wait_for_leaders(admin, result.created)
         if result.existing:
             described = await admin.describe_topics(result.existing)
             for entry in described:
@@ -83,24 +86,53 @@ async def declare_topics(settings: Settings) -> Declared:
             result.reconfigured = await _align_configs(admin, result.existing, prefix)
     finally:
         await admin.close()
+<<<<<<< HEAD
     log.info(
         "topics: %d created, %d already present (%d reconfigured)",
         len(result.created),
         len(result.existing),
         len(result.reconfigured),
     )
+=======
+    await wait_for_leaders(settings, result.created + result.existing)
+    log.info("topics: %d created, %d already present", len(result.created), len(result.existing))
+>>>>>>> h-kitbits
     return result
 
 
-async def _wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str], timeout: float = 30.0) -> None:
-    """Creation returns before every partition has a leader; wait so clients start cleanly."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        described = await admin.describe_topics(topics)
-        ready = all(
-            t["error_code"] == 0 and t["partitions"] and all(p["leader"] >= 0 for p in t["partitions"])
-            for t in described
+async def wait_for_leaders(settings: Settings, topics: list[str], timeout: float = 30.0) -> None:
+    """Return once every partition of `topics` has a leader that serves it.
+
+    Topic creation returns before the partitions have leaders, and a broker that has just (re)started
+    lists leaders before it serves them: clients started in that window log NotLeaderForPartition
+    until it closes. So the metadata must show a leader for every partition, and then each leader
+    must answer a ListOffsets request for it, which it does only once it leads the partition.
+    """
+    if not topics:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    waiting = list(topics)
+    described: dict[str, dict[str, Any]] = {}
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        while waiting and loop.time() < deadline:
+            described = {t["topic"]: t for t in await admin.describe_topics(topics)}
+            waiting = [name for name in topics if not _led(described.get(name))]
+            if waiting:
+                await asyncio.sleep(0.1)
+        tps = [
+            TopicPartition(t["topic"], p["partition"]) for t in described.values() for p in t["partitions"]
+        ]
+    finally:
+        await admin.close()
+    if waiting:
+        raise TimeoutError(
+            f"partitions of {', '.join(sorted(waiting))} have no leader after {timeout:.0f} s; "
+            f"check the broker log and that its controller is up"
         )
+<<<<<<< HEAD
         if ready and len(described) == len(topics):
             return
         if asyncio.get_running_loop().time() > deadline:
@@ -233,3 +265,28 @@ class IncrementalAlterConfigs(Request[_IncrementalAlterConfigsRequestV0]):
             for topic, cfg in self._configs.items()
         ]
         return request_struct_class(resources, self._validate_only)
+=======
+    consumer = make_consumer(settings, group_id=None, client_id=f"{settings.kafka_client_id}-declare")
+    await consumer.start()
+    try:
+        # aiokafka retries NotLeaderForPartition here quietly, with fresh metadata.
+        async with asyncio.timeout(max(0.0, deadline - loop.time())):
+            await consumer.end_offsets(tps)
+    except TimeoutError as exc:
+        raise TimeoutError(
+            f"the leaders of {', '.join(sorted(topics))} do not serve their partitions "
+            f"after {timeout:.0f} s; check the broker log"
+        ) from exc
+    finally:
+        await consumer.stop()
+
+
+def _led(topic: dict[str, Any] | None) -> bool:
+    """Whether a topic's metadata (from describe_topics) shows a leader for each partition."""
+    return (
+        topic is not None
+        and topic["error_code"] == 0
+        and bool(topic["partitions"])
+        and all(p["leader"] >= 0 for p in topic["partitions"])
+    )
+>>>>>>> h-kitbits

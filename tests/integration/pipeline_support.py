@@ -20,10 +20,10 @@ from typing import Any
 from pydantic import SecretStr
 
 from infra.kafka.topics import declare_topics
-from infra.provision import KafkaService, PostgresService, create_database
 from infra.settings import Settings
 from tests.conftest import unique
 from tests.helpers import spawn, wait_for
+from tests.provision import KafkaService, PostgresService, create_database
 
 #: The components of a pipeline and their `ragbus` arguments.
 COMPONENTS: dict[str, list[str]] = {

@@ -14,10 +14,10 @@ import warnings
 from pathlib import Path
 
 from infra.kafka.clients import make_producer, transactional_id
-from infra.provision import PostgresService
 from infra.settings import Settings
 from tests.helpers import spawn, wait_for
 from tests.integration.audit_support import audit_coords, mixed_event, readable_records, row_count, send
+from tests.provision import PostgresService
 
 KILLS = 5
 OUTAGE_S = 10.0

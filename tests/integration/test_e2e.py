@@ -25,12 +25,12 @@ import openai
 import pytest
 
 from infra.procs import free_port
-from infra.provision import KafkaService, PostgresService
 from infra.settings import Settings
 from schemas import ChatResponse
 from tests.helpers import read_topic, run_ragbus, spawn, wait_for
 from tests.integration.audit_support import audit_coords, readable_records
 from tests.integration.pipeline_support import Pipeline, pipeline_settings, running_pipeline
+from tests.provision import KafkaService, PostgresService
 
 SAMPLES = Path(__file__).resolve().parents[2] / "producers" / "samples"
 KEY = "sk-e2e-" + uuid.uuid4().hex

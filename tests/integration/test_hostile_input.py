@@ -37,7 +37,6 @@ from hypothesis import strategies as st
 
 from infra.kafka.clients import make_consumer, make_producer
 from infra.kafka.codec import DecodeError, decode, decode_record, salvage_envelope
-from infra.provision import KafkaService, PostgresService
 from infra.settings import Settings
 from schemas import (
     EVENT_TYPE_HEADER,
@@ -55,6 +54,7 @@ from tests.helpers import read_events, read_topic, run_ragbus, wait_for
 from tests.integration.audit_support import audit_coords
 from tests.integration.pipeline_support import Pipeline, pipeline_settings, running_pipeline
 from tests.jsonschema_strategy import from_schema
+from tests.provision import KafkaService, PostgresService
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ import psutil
 import pytest
 
 from infra.postgres.migrations import MigrationError, migrate
-from infra.provision import PostgresService
 from infra.settings import Settings
+from tests.provision import PostgresService
 
 
 async def test_server_is_real_postgres(postgres: PostgresService, settings: Settings) -> None:
