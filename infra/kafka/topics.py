@@ -9,13 +9,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-<<<<<<< HEAD
+from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-=======
-from aiokafka import TopicPartition
-from aiokafka.admin import NewTopic
->>>>>>> h-kitbits
 from aiokafka.errors import for_code
 from aiokafka.protocol.api import Request, RequestStruct, Response
 from aiokafka.protocol.types import Array, Boolean, Int8, Int16, Int32, Schema, String
@@ -86,17 +82,13 @@ async def declare_topics(settings: Settings) -> Declared:
             result.reconfigured = await _align_configs(admin, result.existing, prefix)
     finally:
         await admin.close()
-<<<<<<< HEAD
+    await wait_for_leaders(settings, result.created + result.existing)
     log.info(
         "topics: %d created, %d already present (%d reconfigured)",
         len(result.created),
         len(result.existing),
         len(result.reconfigured),
     )
-=======
-    await wait_for_leaders(settings, result.created + result.existing)
-    log.info("topics: %d created, %d already present", len(result.created), len(result.existing))
->>>>>>> h-kitbits
     return result
 
 
@@ -132,12 +124,29 @@ async def wait_for_leaders(settings: Settings, topics: list[str], timeout: float
             f"partitions of {', '.join(sorted(waiting))} have no leader after {timeout:.0f} s; "
             f"check the broker log and that its controller is up"
         )
-<<<<<<< HEAD
-        if ready and len(described) == len(topics):
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"topics without partition leaders after {timeout:.0f} s")
-        await asyncio.sleep(0.1)
+    consumer = make_consumer(settings, group_id=None, client_id=f"{settings.kafka_client_id}-declare")
+    await consumer.start()
+    try:
+        # aiokafka retries NotLeaderForPartition here quietly, with fresh metadata.
+        async with asyncio.timeout(max(0.0, deadline - loop.time())):
+            await consumer.end_offsets(tps)
+    except TimeoutError as exc:
+        raise TimeoutError(
+            f"the leaders of {', '.join(sorted(topics))} do not serve their partitions "
+            f"after {timeout:.0f} s; check the broker log"
+        ) from exc
+    finally:
+        await consumer.stop()
+
+
+def _led(topic: dict[str, Any] | None) -> bool:
+    """Whether a topic's metadata (from describe_topics) shows a leader for each partition."""
+    return (
+        topic is not None
+        and topic["error_code"] == 0
+        and bool(topic["partitions"])
+        and all(p["leader"] >= 0 for p in topic["partitions"])
+    )
 
 
 async def _align_configs(
@@ -265,28 +274,3 @@ class IncrementalAlterConfigs(Request[_IncrementalAlterConfigsRequestV0]):
             for topic, cfg in self._configs.items()
         ]
         return request_struct_class(resources, self._validate_only)
-=======
-    consumer = make_consumer(settings, group_id=None, client_id=f"{settings.kafka_client_id}-declare")
-    await consumer.start()
-    try:
-        # aiokafka retries NotLeaderForPartition here quietly, with fresh metadata.
-        async with asyncio.timeout(max(0.0, deadline - loop.time())):
-            await consumer.end_offsets(tps)
-    except TimeoutError as exc:
-        raise TimeoutError(
-            f"the leaders of {', '.join(sorted(topics))} do not serve their partitions "
-            f"after {timeout:.0f} s; check the broker log"
-        ) from exc
-    finally:
-        await consumer.stop()
-
-
-def _led(topic: dict[str, Any] | None) -> bool:
-    """Whether a topic's metadata (from describe_topics) shows a leader for each partition."""
-    return (
-        topic is not None
-        and topic["error_code"] == 0
-        and bool(topic["partitions"])
-        and all(p["leader"] >= 0 for p in topic["partitions"])
-    )
->>>>>>> h-kitbits
