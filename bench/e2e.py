@@ -40,8 +40,8 @@ from bench.components import ComponentProcess, bench_settings
 from infra.kafka.topics import declare_topics
 from infra.provision import kafka_service
 from infra.settings import Settings
-from processors.ingest.client import discover, ingest_files
 from producers.client import ChatClient, ChatError, ChatTimeout
+from producers.ingest.client import discover, ingest_files
 from schemas import ChatResponse
 
 log = logging.getLogger("bench.e2e")
