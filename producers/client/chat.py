@@ -66,36 +66,25 @@ class ChatClient:
         user: str = "anonymous",
         conversation_id: str | None = None,
         history: list[ChatMessage] | None = None,
-        lane: Lane = "chat",
         timeout: float | None = 60.0,
-        stream: bool = False,
-        model: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
-        top_k: int | None = None,
-        system_prompt: str | None = None,
-        client_ip: str | None = None,
-        metadata: dict[str, Any] | None = None,
+        **fields: Any,
     ) -> ChatRequest:
         """A validated request (raises pydantic's ValidationError); the conversation's earlier
-        turns are its history unless `history` is given."""
+        turns are its history unless `history` is given. `fields` go to `build_chat_request`
+        as they are (lane, stream, model, top_k, system_prompt, client_ip, metadata)."""
         if history is None and self.conversations is not None:
             history = self.conversations.history(conversation_id)
         return build_chat_request(
             question,
             tenant_id=tenant,
             user_id=user,
-            lane=lane,
-            history=history or [],
             conversation_id=conversation_id,
-            stream=stream,
-            model=model,
-            sampling={"max_tokens": max_tokens, "temperature": temperature},
-            top_k=top_k,
-            system_prompt=system_prompt,
+            history=history or [],
             timeout=timeout,
-            client_ip=client_ip,
-            metadata=metadata,
+            sampling={"max_tokens": max_tokens, "temperature": temperature},
+            **fields,
         )
 
     # --- asking --------------------------------------------------------------------------

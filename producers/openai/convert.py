@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from producers.openai.protocol import ChatCompletionRequest
 from producers.requests import build_chat_request
-from schemas import ChatMessage, ChatRequest, Lane
+from schemas import ChatMessage, ChatRequest
 
 
 class InvalidInput(ValueError):
@@ -48,34 +48,21 @@ def parse_body(data: Any) -> ChatCompletionRequest:
         raise InvalidInput.of_protocol(e) from None
 
 
-def to_chat_request(
-    body: ChatCompletionRequest,
-    *,
-    tenant_id: str,
-    user_id: str,
-    lane: Lane = "chat",
-    request_id: str | None = None,
-    timeout: float | None = None,
-    client_ip: str | None = None,
-    job_id: str | None = None,
-    custom_id: str | None = None,
-) -> ChatRequest:
-    """The bus request of a chat-completions request; raises InvalidInput (messages that cannot
-    become a question, or a value the contract refuses: its bounds are tighter than the protocol's)."""
+def to_chat_request(body: ChatCompletionRequest, **envelope: Any) -> ChatRequest:
+    """The bus request of a chat-completions request; `envelope` is who asks and where
+    (tenant_id, user_id, lane, request_id, timeout, ...), as `build_chat_request` takes it.
+    Raises InvalidInput: messages that cannot become a question, or a value the contract refuses
+    (its bounds are tighter than the protocol's)."""
     system, history, question = split_messages([m.model_dump(exclude_none=True) for m in body.messages])
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     try:
         return build_chat_request(
             question,
-            tenant_id=tenant_id,
-            user_id=user_id,
-            lane=lane,
-            request_id=request_id,
             history=history,
             system_prompt=system,
             model=body.model,
             # Token events exist on the chat lane only; other lanes answer whole.
-            stream=body.stream and lane == "chat",
+            stream=body.stream and envelope.get("lane", "chat") == "chat",
             sampling={
                 "max_tokens": body.max_completion_tokens or body.max_tokens,
                 "temperature": body.temperature,
@@ -83,11 +70,8 @@ def to_chat_request(
                 "seed": body.seed,
                 "stop": stop,
             },
-            timeout=timeout,
-            client_ip=client_ip,
-            job_id=job_id,
-            custom_id=custom_id,
             metadata={"api": "openai", **({"openai_user": body.user} if body.user else {})},
+            **envelope,
         )
     except ValidationError as e:
         raise InvalidInput.of_contract(e) from None
