@@ -39,8 +39,8 @@ from tqdm import tqdm
 from bench.components import ComponentProcess, bench_settings
 from infra.kafka.topics import declare_topics
 from infra.settings import Settings
-from processors.ingest.client import discover, ingest_files
 from producers.client import ChatClient, ChatError, ChatTimeout
+from producers.ingest.client import discover, ingest_files
 from schemas import ChatResponse
 from tests.provision import kafka_service
 

@@ -7,9 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from aiokafka import TopicPartition
-
-from infra.kafka.clients import make_consumer
+from infra.kafka.clients import make_consumer, topic_partitions
 from infra.kafka.codec import decode_record
 from infra.settings import Settings
 from schemas import EventBase
@@ -22,11 +20,10 @@ async def read_topic(settings: Settings, topic: str, *, timeout: float = 10.0) -
     consumer = make_consumer(settings, group_id=None, fetch_max_wait_ms=100)
     await consumer.start()
     try:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            await consumer._client.force_metadata_update()  # noqa: SLF001
-            parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        try:
+            tps = await topic_partitions(settings, consumer, [topic])
+        except LookupError:
+            return []  # a topic nobody has created holds no records
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)

@@ -73,7 +73,7 @@ def ingest(
         return
     from tqdm import tqdm
 
-    from processors.ingest.client import FileOutcome, discover, ingest_files
+    from producers.ingest.client import FileOutcome, discover, ingest_files
 
     jobs, skipped = discover(paths, doc_prefix=doc_prefix)
     for skip in skipped:
@@ -142,7 +142,7 @@ def ingest(
 
 
 def _delete(s: object, doc_ids: list[str], tenant: str, user: str, timeout: float, as_json: bool) -> None:
-    from processors.ingest.client import delete_documents
+    from producers.ingest.client import delete_documents
 
     results = asyncio.run(delete_documents(s, doc_ids, tenant=tenant, user=user, idle_timeout=timeout))  # type: ignore[arg-type]
     rows = [

@@ -8,9 +8,10 @@ transaction as its output).
 from __future__ import annotations
 
 import ssl
+from collections.abc import Iterable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.helpers import create_ssl_context
 
@@ -125,3 +126,34 @@ def transactional_id(settings: Settings, component: str) -> str:
     """`<prefix>.<component>.<instance>`: a stable RAGBUS_INSTANCE_ID lets a restarted process
     fence its crashed predecessor at once instead of waiting for the transaction timeout."""
     return f"{settings.topic_prefix}.{component}.{settings.process_id}"
+
+
+async def topic_partitions(
+    settings: Settings, consumer: AIOKafkaConsumer, topics: Iterable[str]
+) -> list[TopicPartition]:
+    """Every partition of `topics`, for a consumer that assigns them itself (no group).
+
+    A started consumer knows the topics that existed when it bootstrapped; a topic created since
+    is looked up in the cluster's metadata through the admin client (aiokafka's consumer has no
+    public way to refresh its own). All topics are described, never just the missing names: a
+    metadata request naming a topic would create it on a broker with auto-creation on. Raises
+    LookupError naming the topics that do not exist."""
+    wanted = list(dict.fromkeys(topics))
+    found: dict[str, set[int]] = {t: set(consumer.partitions_for_topic(t) or ()) for t in wanted}
+    if not all(found.values()):
+        admin = make_admin(settings)
+        await admin.start()
+        try:
+            described = await admin.describe_topics()
+        finally:
+            await admin.close()
+        for entry in described:
+            if entry["topic"] in found and not found[entry["topic"]]:
+                found[entry["topic"]] = {p["partition"] for p in entry["partitions"]}
+    missing = [t for t, parts in found.items() if not parts]
+    if missing:
+        names = (
+            "topic " + missing[0] + " does" if len(missing) == 1 else "topics " + ", ".join(missing) + " do"
+        )
+        raise LookupError(f"{names} not exist (run `ragbus up` or `ragbus topics declare`)")
+    return [TopicPartition(t, p) for t in wanted for p in sorted(found[t])]

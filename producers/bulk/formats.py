@@ -1,8 +1,9 @@
 """Input and output line formats of bulk jobs.
 
-Input: the OpenAI Batch input format (`{"custom_id", "method", "url", "body": {"messages": [...]}}`
-per line), plain text (one question per line), or one column of a CSV file. Output: the OpenAI
-Batch output format, one line per custom_id.
+Input: the OpenAI Batch input format (`{"custom_id", "method", "url", "body": {...}}` per line,
+each body a chat-completions request exactly as the gateway takes it), plain text (one question
+per line), or one column of a CSV file. Output: the OpenAI Batch output format, one line per
+custom_id.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import csv
 import hashlib
 import json
 import unicodedata
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +21,10 @@ import orjson
 from annotated_types import MaxLen
 from pydantic import ValidationError
 
-from schemas import ChatMessage, ChatRequest, ChatResponse
+from producers.openai.convert import InvalidInput, parse_body, to_chat_request
+from producers.openai.protocol import ChatCompletionRequest
+from producers.requests import build_chat_request
+from schemas import ChatRequest, ChatResponse
 
 InputFormat = Literal["auto", "openai", "text", "csv"]
 
@@ -48,27 +52,24 @@ def safe_custom_id(custom_id: str) -> str:
     return f"{text[: CUSTOM_ID_MAX - len(digest) - 1]}~{digest}"
 
 
-class BadLine(ValueError):
+class BadLine(InvalidInput):
     """An input line that cannot become a request; it is answered with an error line.
 
     `custom_id` is already cut to a safe length; `param` names the offending OpenAI field
     (`messages.[2].content`) when one is known."""
 
     def __init__(self, custom_id: str, message: str, param: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, param)
         self.custom_id = safe_custom_id(custom_id)
-        self.param = param
 
 
 @dataclass
 class BulkItem:
+    """One request of a job: an OpenAI Batch line's body, or a question (text and CSV inputs)."""
+
     custom_id: str
-    question: str
-    history: list[ChatMessage] = field(default_factory=list)
-    system_prompt: str | None = None
-    model: str | None = None
-    max_tokens: Any = None
-    temperature: Any = None
+    question: str = ""
+    body: ChatCompletionRequest | None = None
 
 
 def detect_format(path: Path) -> InputFormat:
@@ -83,6 +84,8 @@ def detect_format(path: Path) -> InputFormat:
 
 
 def parse_openai_line(line: str | bytes, number: int) -> BulkItem:
+    """One OpenAI Batch line; its body is validated by the same protocol model as the gateway's
+    requests. Raises BadLine."""
     # orjson, not json: it refuses lone surrogates ("\ud800", which no UTF-8 encoder accepts
     # later) and bounds nesting depth instead of recursing until RecursionError.
     try:
@@ -97,115 +100,10 @@ def parse_openai_line(line: str | bytes, number: int) -> BulkItem:
     url = obj.get("url", "/v1/chat/completions")
     if url != "/v1/chat/completions":
         raise BadLine(custom_id, f"unsupported url {str(url)[:80]!r}: only /v1/chat/completions", "url")
-    body = obj.get("body")
-    messages = body.get("messages") if isinstance(body, dict) else None
-    if not isinstance(body, dict) or not isinstance(messages, list) or not messages:
-        raise BadLine(custom_id, "body.messages is missing or empty", "messages")
-    system, history, question = split_messages(messages, custom_id)
-    model = body.get("model")
-    return BulkItem(
-        custom_id=custom_id,
-        question=question,
-        history=history,
-        system_prompt=system,
-        model=model if isinstance(model, str) else None,
-        max_tokens=body.get("max_tokens") or body.get("max_completion_tokens"),
-        temperature=body.get("temperature"),
-    )
-
-
-def _text_of(content: Any, where: str, custom_id: str) -> str:
-    """A message's content as text: a string, or a list of `{"type": "text", "text": str}` parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts: list[str] = []
-        for j, part in enumerate(content):
-            text = part.get("text") if isinstance(part, dict) else None
-            if not isinstance(part, dict) or part.get("type", "text") != "text" or not isinstance(text, str):
-                raise BadLine(
-                    custom_id,
-                    f'{where}.[{j}]: only text parts are supported, as {{"type": "text", "text": "..."}}',
-                    f"{where}.[{j}]",
-                )
-            texts.append(text)
-        return "".join(texts)
-    raise BadLine(custom_id, f"{where}: must be a string or a list of text parts", where)
-
-
-def split_messages(messages: list[Any], custom_id: str = "") -> tuple[str | None, list[ChatMessage], str]:
-    """OpenAI messages → (system prompt, history, question = the last user message)."""
-    system_parts: list[str] = []
-    turns: list[ChatMessage] = []
-    for i, m in enumerate(messages):
-        role = m.get("role") if isinstance(m, dict) else None
-        if not isinstance(role, str) or role not in ("system", "developer", "user", "assistant"):
-            raise BadLine(
-                custom_id,
-                f"messages.[{i}]: unsupported message; role is one of system, developer, user, assistant",
-                f"messages.[{i}].role",
-            )
-        content = _text_of(m.get("content"), f"messages.[{i}].content", custom_id)
-        if role in ("system", "developer"):
-            system_parts.append(content)
-            continue
-        try:
-            turns.append(ChatMessage(role=role, content=content))  # type: ignore[arg-type]
-        except ValidationError as e:
-            raise BadLine(custom_id, describe(e, f"messages.[{i}]."), f"messages.[{i}].content") from None
-    if not turns or turns[-1].role != "user":
-        raise BadLine(custom_id, "the last message must come from the user", "messages")
-    return ("\n".join(system_parts) or None), turns[:-1], turns[-1].content
-
-
-#: Where each ChatRequest field comes from in an OpenAI chat-completions request.
-_OPENAI_FIELD = {
-    "question": "messages",
-    "history": "messages",
-    "system_prompt": "messages",
-    "model": "model",
-    "custom_id": "custom_id",
-    "metadata": "user",
-    "client_ip": "X-Forwarded-For",
-}
-
-
-def loc_path(loc: Sequence[int | str]) -> str:
-    """A validation error's location as OpenAI writes it: `("messages", 0, "content")` →
-    `messages.[0].content`."""
-    return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc)
-
-
-def openai_param(loc: Sequence[int | str]) -> str:
-    """The OpenAI request field a ChatRequest validation error points at: `("sampling",
-    "max_tokens")` → `max_tokens`, `("question",)` → `messages`."""
-    if not loc:
-        return "body"
-    if loc[0] == "sampling" and len(loc) > 1:
-        return str(loc[1])
-    return _OPENAI_FIELD.get(str(loc[0]), str(loc[0]))
-
-
-_WHAT = {
-    "question": "the last user message",
-    "history": "the messages before the last user message",
-    "system_prompt": "the system messages together",
-}
-
-
-def describe(err: ValidationError, prefix: str = "", limit: int = 3) -> str:
-    """A validation error in a few words per problem, naming fields and never echoing the input."""
-    parts = []
-    for e in err.errors()[:limit]:
-        loc = e.get("loc", ())
-        head, path = (str(loc[0]) if loc else ""), loc_path(loc)
-        if prefix:
-            where = prefix + path
-        else:
-            where = _WHAT.get(head) or (openai_param(loc) if head == "sampling" else path) or "request"
-        parts.append(f"{where}: {e.get('msg')}")
-    more = err.error_count() - limit
-    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+    try:
+        return BulkItem(custom_id=custom_id, body=parse_body(obj.get("body")))
+    except InvalidInput as e:
+        raise BadLine(custom_id, str(e), e.param) from None
 
 
 def _has_control(text: str) -> bool:
@@ -216,31 +114,30 @@ def _has_control(text: str) -> bool:
 def build_request(
     item: BulkItem, *, request_id: str, tenant_id: str, user_id: str, job_id: str
 ) -> ChatRequest:
-    """The bulk-lane ChatRequest of one item; the contract model is the validator, so an item it
-    refuses (too long, bad sampling values, ...) becomes a BadLine, never an exception that ends
-    the job."""
+    """The bulk-lane ChatRequest of one item, made as the gateway makes its requests; a request
+    the contract refuses (too long, bad sampling values, ...) becomes a BadLine, never an
+    exception that ends the job."""
     if _has_control(item.custom_id):
         raise BadLine(
             item.custom_id, "custom_id must not contain control characters or line breaks", "custom_id"
         )
-    sampling = {"max_tokens": item.max_tokens, "temperature": item.temperature}
+    envelope: dict[str, Any] = {
+        "tenant_id": tenant_id,
+        "user_id": user_id,
+        "lane": "bulk",
+        "request_id": request_id,
+        "job_id": job_id,
+        "custom_id": item.custom_id,
+    }
     try:
-        return ChatRequest(
-            request_id=request_id,
-            tenant_id=tenant_id,
-            user_id=user_id,
-            lane="bulk",
-            question=item.question,
-            history=item.history,
-            system_prompt=item.system_prompt,
-            model=item.model if item.model not in (None, "ragbus") else None,
-            sampling={k: v for k, v in sampling.items() if v is not None},
-            job_id=job_id,
-            custom_id=item.custom_id,
-        )
-    except ValidationError as e:
-        first = e.errors()[0].get("loc", ()) if e.error_count() else ()
-        raise BadLine(item.custom_id, describe(e), openai_param(first)) from None
+        if item.body is not None:
+            return to_chat_request(item.body, **envelope)
+        try:
+            return build_chat_request(item.question, **envelope)
+        except ValidationError as e:
+            raise InvalidInput.of_contract(e) from None
+    except InvalidInput as e:
+        raise BadLine(item.custom_id, str(e), e.param) from None
 
 
 def _lines(f: Any) -> Iterator[tuple[int, str | BadLine]]:

@@ -21,8 +21,8 @@ from typing import Any, TextIO
 from aiokafka import TopicPartition
 from tqdm import tqdm
 
-from infra.kafka.clients import make_consumer, make_producer
-from infra.kafka.codec import DecodeError, Encoded, decode_record, encode
+from infra.kafka.clients import make_producer
+from infra.kafka.codec import Encoded, encode
 from infra.settings import Settings
 from producers.bulk.formats import (
     BadLine,
@@ -33,6 +33,7 @@ from producers.bulk.formats import (
     read_items,
 )
 from producers.bulk.state import JobState, JobStore
+from producers.replies import ReplyReader
 from schemas import ChatResponse, spec_for_topic
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,12 @@ class BulkRunner:
         self._max_bytes = requests.max_event_bytes if requests is not None else 1024 * 1024
         self._inflight: set[str] = set()
         self._done: set[str] = set()
+        self._replies: ReplyReader[ChatResponse] = ReplyReader(
+            settings,
+            {self.topic: ChatResponse},
+            client_id=f"ragbus-bulk-{state.job_id}",
+            fetch_max_wait_ms=100,
+        )
         self._slots = asyncio.Condition()
         self._out: TextIO | None = None
         self._bar: tqdm | None = None  # type: ignore[type-arg]
@@ -79,9 +86,7 @@ class BulkRunner:
         self._done = answered_ids(output)
         self._inflight = store.sent_ids(state.job_id) - self._done
         producer = make_producer(self.settings, client_id=f"ragbus-bulk-{state.job_id}")
-        consumer = make_consumer(self.settings, group_id=None, client_id=f"ragbus-bulk-{state.job_id}")
         await producer.start()
-        await consumer.start()
         state.status, state.pid = "running", os.getpid()
         # Appending a line per answer is a page-cache write; the one fsync runs in a thread.
         self._out = output.open("a", encoding="utf-8")  # noqa: ASYNC230
@@ -93,11 +98,11 @@ class BulkRunner:
             disable=not self.progress,
             dynamic_ncols=True,
         )
-        reader: asyncio.Task[None] | None = None
         try:
-            await self._position(consumer)
+            for cid in self._inflight:  # sent before an interruption: their answers may be waiting
+                self._expect(cid)
+            await self._start_replies()
             store.save(state)
-            reader = asyncio.create_task(self._read(consumer), name="bulk-reader")
             sent_log = store.sent_log(state.job_id)
             try:
                 cancelled = await self._send_all(producer, sent_log)
@@ -106,7 +111,7 @@ class BulkRunner:
             if cancelled:
                 state.status = "cancelled"
             else:
-                await self._drain(reader)
+                await self._drain()
                 state.status = "cancelled" if store.cancel_requested(state.job_id) else "completed"
         except (asyncio.CancelledError, KeyboardInterrupt):
             state.status = "interrupted"
@@ -115,10 +120,8 @@ class BulkRunner:
             state.status = "failed"
             raise
         finally:
-            if reader is not None:
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await reader
+            with contextlib.suppress(Exception):
+                await self._replies.stop()
             self._out.close()
             self._bar.close()
             state.answered = len(self._done)
@@ -126,24 +129,27 @@ class BulkRunner:
             store.save(state)
             with contextlib.suppress(Exception):
                 await producer.stop()
-            with contextlib.suppress(Exception):
-                await consumer.stop()
         return state
 
-    async def _position(self, consumer: Any) -> None:
-        parts = consumer.partitions_for_topic(self.topic)
-        if not parts:
-            await consumer._client.force_metadata_update()  # noqa: SLF001 - the topic may be new
-            parts = consumer.partitions_for_topic(self.topic) or set()
-        tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
-        if not tps:
-            raise RuntimeError(f"topic {self.topic} does not exist (run `ragbus up`)")
-        consumer.assign(tps)
-        if not self.state.start_offsets:
-            ends = await consumer.end_offsets(tps)
-            self.state.start_offsets = {str(tp.partition): off for tp, off in ends.items()}
-        for tp in tps:
-            consumer.seek(tp, self.state.start_offsets.get(str(tp.partition), 0))
+    async def _start_replies(self) -> None:
+        """Read the responses from where the job first started (so answers to requests sent
+        before an interruption are found), recording that place on the first run."""
+        recorded = self.state.start_offsets
+        offsets = (
+            {TopicPartition(self.topic, int(p)): off for p, off in recorded.items()} if recorded else None
+        )
+        await self._replies.start(offsets)
+        if not recorded:
+            self.state.start_offsets = {str(tp.partition): off for tp, off in self._replies.positions.items()}
+
+    def _expect(self, custom_id: str) -> None:
+        request_id = request_id_for(self.state.job_id, custom_id)
+        self._replies.expect(request_id, lambda r: self._answered(custom_id, r), once=True)
+
+    def _answered(self, custom_id: str, response: ChatResponse) -> None:
+        if custom_id not in self._done:
+            self._write(custom_id, response)
+            self._out.flush()  # type: ignore[union-attr]
 
     async def _send_all(self, producer: Any, sent_log: TextIO) -> bool:
         """Send every unanswered item; True when the job was cancelled."""
@@ -172,6 +178,7 @@ class BulkRunner:
             async with self._slots:
                 await self._slots.wait_for(lambda: len(self._inflight) < self.window)
             self._inflight.add(cid)
+            self._expect(cid)
             fut = await producer.send(
                 self.settings.topics.requests("bulk"), enc.value, key=enc.key, headers=enc.headers
             )
@@ -205,21 +212,6 @@ class BulkRunner:
             )
         return enc
 
-    async def _read(self, consumer: Any) -> None:
-        job_id = self.state.job_id
-        while True:
-            batches = await consumer.getmany(timeout_ms=500)
-            for records in batches.values():
-                for record in records:
-                    try:
-                        resp = decode_record(record, ChatResponse, max_bytes=1 << 26)
-                    except DecodeError:
-                        continue
-                    if resp.job_id != job_id or resp.custom_id is None or resp.custom_id in self._done:
-                        continue
-                    self._write(resp.custom_id, resp)
-            self._out.flush()  # type: ignore[union-attr]
-
     def _write(
         self, custom_id: str, response: ChatResponse | None, error: tuple[str, str] | None = None
     ) -> None:
@@ -237,10 +229,9 @@ class BulkRunner:
         async with self._slots:
             self._slots.notify_all()
 
-    async def _drain(self, reader: asyncio.Task[None]) -> None:
+    async def _drain(self) -> None:
         while self._inflight:
-            if reader.done():
-                reader.result()  # surface the reader's failure
+            self._replies.raise_if_failed()  # writing an answer failed (a full disk)
             if self.store.cancel_requested(self.state.job_id):
                 return
             await asyncio.sleep(0.2)

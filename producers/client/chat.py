@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
-from datetime import timedelta
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -17,18 +16,11 @@ from infra.settings import Settings
 from infra.telemetry import tracer
 from producers.client.conversations import Conversations
 from producers.client.errors import ChatError, ChatTimeout
-from producers.client.replies import ReplyRouter
-from schemas import (
-    ChatMessage,
-    ChatRequest,
-    ChatResponse,
-    Lane,
-    RetrievalOptions,
-    SamplingParams,
-    TokenChunk,
-    new_id,
-    utcnow,
-)
+from producers.replies import ReplyReader
+from producers.requests import build_chat_request
+from schemas import ChatMessage, ChatRequest, ChatResponse, Lane, TokenChunk
+
+Reply = ChatResponse | TokenChunk
 
 
 class ChatClient:
@@ -39,10 +31,12 @@ class ChatClient:
     ) -> None:
         self.settings = settings
         self.lanes = tuple(lanes)
-        topics = [settings.topics.responses(lane) for lane in self.lanes]
+        models: dict[str, type[Reply]] = {
+            settings.topics.responses(lane): ChatResponse for lane in self.lanes
+        }
         if "chat" in self.lanes:
-            topics.append(settings.topics.tokens)
-        self._replies = ReplyRouter(settings, topics)
+            models[settings.topics.tokens] = TokenChunk
+        self._replies: ReplyReader[Reply] = ReplyReader(settings, models, client_id="ragbus-client")
         self._producer: AIOKafkaProducer | None = None
         self.conversations = Conversations() if remember else None
 
@@ -72,39 +66,25 @@ class ChatClient:
         user: str = "anonymous",
         conversation_id: str | None = None,
         history: list[ChatMessage] | None = None,
-        lane: Lane = "chat",
         timeout: float | None = 60.0,
-        stream: bool = False,
-        model: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
-        top_k: int | None = None,
-        system_prompt: str | None = None,
-        client_ip: str | None = None,
-        **extra: Any,
+        **fields: Any,
     ) -> ChatRequest:
-        # Built, not assigned to: validation (the contract's bounds) happens in the constructor.
-        given = {"max_tokens": max_tokens, "temperature": temperature}
-        sampling = SamplingParams(**{k: v for k, v in given.items() if v is not None})
+        """A validated request (raises pydantic's ValidationError); the conversation's earlier
+        turns are its history unless `history` is given. `fields` go to `build_chat_request`
+        as they are (lane, stream, model, top_k, system_prompt, client_ip, metadata)."""
         if history is None and self.conversations is not None:
             history = self.conversations.history(conversation_id)
-        return ChatRequest(
-            request_id=new_id(),
+        return build_chat_request(
+            question,
             tenant_id=tenant,
             user_id=user,
-            lane=lane,
-            question=question,
-            history=history or [],
             conversation_id=conversation_id,
-            stream=stream,
-            model=model,
-            sampling=sampling,
-            retrieval=RetrievalOptions(top_k=top_k),
-            system_prompt=system_prompt,
-            client_ip=client_ip,
-            # The pipeline answers deadline_exceeded rather than work on a question nobody awaits.
-            deadline=utcnow() + timedelta(seconds=timeout) if timeout else None,
-            **extra,
+            history=history or [],
+            timeout=timeout,
+            sampling={"max_tokens": max_tokens, "temperature": temperature},
+            **fields,
         )
 
     # --- asking --------------------------------------------------------------------------
@@ -155,7 +135,7 @@ class ChatClient:
         return ChatStream(self, request, timeout)
 
     async def _final(
-        self, queue: asyncio.Queue[ChatResponse | TokenChunk], request_id: str, timeout: float | None
+        self, queue: asyncio.Queue[Reply], request_id: str, timeout: float | None
     ) -> ChatResponse:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -170,7 +150,7 @@ class ChatClient:
                 return event
 
     @property
-    def replies(self) -> ReplyRouter:
+    def replies(self) -> ReplyReader[Reply]:
         return self._replies
 
 

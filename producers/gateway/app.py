@@ -15,19 +15,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
 
 from infra.settings import Settings
 from infra.telemetry import setup_telemetry, tracer
-from producers.bulk.formats import BadLine, describe, openai_param
 from producers.client import ChatClient
 from producers.gateway import errors, metrics
 from producers.gateway.auth import ApiKeys, Principal
 from producers.gateway.errors import openai_error
 from producers.gateway.forwarded import client_address
 from producers.gateway.limits import BodySizeLimit
-from producers.gateway.openai.protocol import ChatCompletionRequest
-from producers.gateway.openai.serving import OpenAIServing
+from producers.gateway.serving import OpenAIServing
+from producers.openai.convert import InvalidInput, parse_body
+from producers.openai.protocol import ChatCompletionRequest
 from schemas import spec_for_topic
 
 log = logging.getLogger(__name__)
@@ -109,10 +108,9 @@ def create_app(settings: Settings, keys: ApiKeys | None = None) -> FastAPI:
         if not isinstance(data, dict):
             return invalid("the body must be a JSON object", "invalid_json")
         try:
-            return ChatCompletionRequest.model_validate(data)
-        except ValidationError as e:
-            metrics.REQUESTS.labels("invalid", "na").inc()
-            return errors.invalid_request(e)
+            return parse_body(data)
+        except InvalidInput as e:
+            return invalid(str(e), param=e.param)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -130,11 +128,8 @@ def create_app(settings: Settings, keys: ApiKeys | None = None) -> FastAPI:
         ) as span:
             try:
                 chat_request = serving.to_request(body, who, client_ip(request))
-            except BadLine as e:
+            except InvalidInput as e:
                 return invalid(str(e), param=e.param)
-            except ValidationError as e:
-                first = e.errors()[0].get("loc", ()) if e.error_count() else ()
-                return invalid(describe(e), param=openai_param(first))
             request.state.request_id = chat_request.request_id
             span.set_attribute("ragbus.request_id", chat_request.request_id)
             size = len(chat_request.model_dump_json().encode())

@@ -9,17 +9,15 @@ so an operator finds it by the id the client reports.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from producers.bulk.formats import describe, loc_path
-from producers.gateway.openai.protocol import error_body
+from producers.openai.convert import common_param, loc_path
+from producers.openai.protocol import error_body
 from schemas import ChatResponse, ErrorCode, new_id
 
 log = logging.getLogger(__name__)
@@ -38,37 +36,15 @@ def openai_error(
     return JSONResponse(error_body(message, type_, code, param), status_code=status, headers=headers)
 
 
-def common_param(locs: Sequence[Sequence[int | str]]) -> str | None:
-    """The field a set of validation errors is about, as OpenAI writes it (`messages.[0].content`):
-    the first error's location, cut back to what it shares with the other errors on the same
-    field — so the alternatives of one union (`stop.str`, `stop.list[str]`) name `stop`."""
-    cleaned = [tuple(x for x in loc if x != "body") for loc in locs]
-    if not cleaned or not cleaned[0]:
-        return None
-    first = cleaned[0]
-    prefix = list(first)
-    for loc in cleaned[1:]:
-        if loc[:1] != first[:1]:
-            continue
-        n = 0
-        while n < min(len(prefix), len(loc)) and prefix[n] == loc[n]:
-            n += 1
-        del prefix[n:]
-    return loc_path(prefix) or None
-
-
-def invalid_request(err: ValidationError | RequestValidationError) -> JSONResponse:
-    """400 for a body that does not fit the protocol, naming the field (never echoing the input)."""
+def invalid_request(err: RequestValidationError) -> JSONResponse:
+    """400 for what FastAPI's own validation refuses, naming the field (never echoing the input)."""
     errors = list(err.errors())
-    locs = [e.get("loc", ()) for e in errors]
-    if isinstance(err, ValidationError):
-        message = describe(err)
-    else:
-        message = "; ".join(
-            f"{loc_path([x for x in e.get('loc', ()) if x != 'body']) or 'body'}: {e.get('msg')}"
-            for e in errors[:3]
-        )
-    return openai_error(400, message or "invalid request", "invalid_request_error", param=common_param(locs))
+    message = "; ".join(
+        f"{loc_path([x for x in e.get('loc', ()) if x != 'body']) or 'body'}: {e.get('msg')}"
+        for e in errors[:3]
+    )
+    param = common_param([e.get("loc", ()) for e in errors])
+    return openai_error(400, message or "invalid request", "invalid_request_error", param=param)
 
 
 #: Pipeline error code → (HTTP status, OpenAI error type, OpenAI error code, generic message).

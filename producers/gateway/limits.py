@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from producers.gateway.openai.protocol import error_body
+from producers.openai.protocol import error_body
 
 Scope = dict[str, Any]
 Message = dict[str, Any]

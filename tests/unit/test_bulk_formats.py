@@ -14,10 +14,10 @@ from producers.bulk.formats import (
     output_line,
     read_items,
     safe_custom_id,
-    split_messages,
 )
 from producers.bulk.runner import request_id_for
 from producers.client.conversations import Conversations
+from producers.openai.convert import InvalidInput, split_messages
 from schemas import ChatRequest, ChatResponse, Citation, ErrorCode, ErrorInfo, Usage
 
 
@@ -45,19 +45,21 @@ def test_openai_batch_lines(tmp_path: Path) -> None:
     ]
     path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n\n")
     items = list(read_items(path))
-    first = items[0]
-    assert not isinstance(first, BadLine)
-    assert (first.custom_id, first.question, first.system_prompt, first.model, first.max_tokens) == (
+    assert isinstance(items[0], BulkItem) and isinstance(items[3], BulkItem)
+    first = _build(items[0])
+    assert (first.custom_id, first.question, first.system_prompt, first.model, first.sampling.max_tokens) == (
         "a",
         "what is ragbus?",
         "be brief",
         "m",
         20,
     )
+    assert (first.lane, first.job_id, first.deadline, first.stream) == ("bulk", "j", None, False)
     assert [m.role for m in first.history] == ["user", "assistant"]
     assert isinstance(items[1], BadLine) and "unsupported url" in str(items[1])
     assert isinstance(items[2], BadLine) and items[2].custom_id == "line-3"
-    assert isinstance(items[3], BadLine) and "last message" in str(items[3])
+    with pytest.raises(BadLine, match="last message"):
+        _build(items[3])
     assert count_items(path) == 4
 
 
@@ -118,7 +120,7 @@ def test_request_ids_are_stable_per_job_and_id() -> None:
 
 
 def test_split_messages_needs_a_final_user_turn() -> None:
-    with pytest.raises(BadLine):
+    with pytest.raises(InvalidInput):
         split_messages([{"role": "tool", "content": "x"}])
     system, history, question = split_messages(
         [{"role": "developer", "content": "s"}, {"role": "user", "content": "q"}]
@@ -187,9 +189,9 @@ def test_hostile_lines_become_bad_lines_one_each_and_reading_goes_on(tmp_path: P
                 bad.append(e)
         else:
             bad.append(item)
-    # A non-string model is ignored (the route table picks), as before.
-    assert [r.custom_id for r in requests] == ["good", "model-number"]
-    assert len(bad) == len(items) - 2
+    # The body is checked by the gateway's protocol model: a non-string model is refused there too.
+    assert [r.custom_id for r in requests] == ["good"]
+    assert len(bad) == len(items) - 1
     assert all(len(b.custom_id) <= CUSTOM_ID_MAX and str(b) for b in bad)
     by_id = {b.custom_id: b for b in bad}
     assert by_id["part-number"].param == "messages.[0].content.[0]"
@@ -199,6 +201,8 @@ def test_hostile_lines_become_bad_lines_one_each_and_reading_goes_on(tmp_path: P
     assert by_id["max-tokens-text"].param == "max_tokens"
     assert by_id["temperature-huge"].param == "temperature"
     assert by_id["ctl\nid"].param == "custom_id"
+    assert by_id["model-number"].param == "model"
+    assert by_id["messages-object"].param == "messages" and by_id["no-body"].param == "body"
     assert by_id[safe_custom_id("m" * (CUSTOM_ID_MAX + 50))].param == "custom_id"
     # The lines with no readable custom_id are named by their line number.
     assert {"line-11", "line-12", "line-13", "line-14", "line-15", "line-16", "line-24"} <= set(by_id)

@@ -15,7 +15,8 @@ import pytest
 from infra.settings import Settings
 from producers.gateway.app import create_app
 from producers.gateway.auth import ApiKeys, Principal
-from producers.gateway.errors import common_param, pipeline_error
+from producers.gateway.errors import pipeline_error
+from producers.openai.convert import common_param
 from schemas import ChatResponse, ErrorCode, ErrorInfo
 from schemas.topics import spec
 

@@ -8,8 +8,6 @@ optionally prefixed, so ingesting the same folder again replaces each document i
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -17,15 +15,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-
-from infra.kafka.clients import make_consumer, make_producer
-from infra.kafka.codec import DecodeError, decode_record, encode
+from infra.kafka.clients import make_producer
+from infra.kafka.codec import encode
 from infra.settings import Settings
+from producers.replies import ReplyReader
 from schemas import DocumentIngest, IngestResult, spec_for_topic
 from schemas.events import ContentType
-
-log = logging.getLogger(__name__)
 
 CONTENT_TYPES: dict[str, ContentType] = {
     ".txt": "text/plain",
@@ -151,69 +146,10 @@ def build_event(job: FileJob, *, tenant: str, user: str) -> DocumentIngest:
     return DocumentIngest(**common, text=text)
 
 
-class ResultWaiter:
-    """Reads `docs.ingested` from its current end and hands each IngestResult to its request."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.topic = settings.topics.docs_ingested
-        self._consumer: AIOKafkaConsumer | None = None
-        self._wanted: set[str] = set()
-        self.results: asyncio.Queue[IngestResult] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        consumer = make_consumer(
-            self.settings, group_id=None, client_id="ragbus-ingest", fetch_max_wait_ms=50
-        )
-        await consumer.start()
-        parts = consumer.partitions_for_topic(self.topic)
-        if not parts:
-            await consumer._client.force_metadata_update()  # noqa: SLF001 - as in producers.client
-            parts = consumer.partitions_for_topic(self.topic)
-        if not parts:
-            await consumer.stop()
-            raise RuntimeError(
-                f"topic {self.topic} does not exist (run `ragbus up` or `ragbus topics declare`)"
-            )
-        tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        await consumer.seek_to_end(*tps)
-        for tp in tps:  # pin the positions now, so no result sent after start() is missed
-            await consumer.position(tp)
-        self._consumer = consumer
-        self._task = asyncio.create_task(self._run(), name="ragbus-ingest-results")
-
-    def expect(self, request_id: str) -> None:
-        self._wanted.add(request_id)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._consumer is not None:
-            await self._consumer.stop()
-
-    async def _run(self) -> None:
-        assert self._consumer is not None
-        max_bytes = (spec_for_topic(self.topic, self.settings.topic_prefix) or _Any).max_event_bytes
-        while True:
-            batches = await self._consumer.getmany(timeout_ms=500)
-            for records in batches.values():
-                for record in records:
-                    try:
-                        result = decode_record(record, IngestResult, max_bytes=max_bytes)
-                    except DecodeError as e:
-                        log.warning("undecodable IngestResult at offset %d: %s", record.offset, e)
-                        continue
-                    if result.request_id in self._wanted:
-                        self._wanted.discard(result.request_id)
-                        self.results.put_nowait(result)
-
-
-class _Any:
-    max_event_bytes = 64 * 1024 * 1024
+def _results(settings: Settings) -> ReplyReader[IngestResult]:
+    """The reader of `docs.ingested`, from its current end."""
+    topics = {settings.topics.docs_ingested: IngestResult}
+    return ReplyReader(settings, topics, client_id="ragbus-ingest", fetch_max_wait_ms=50)
 
 
 async def ingest_files(
@@ -238,8 +174,9 @@ async def ingest_files(
     by_request: dict[str, FileOutcome] = {}
     notify = on_event or (lambda _: None)
 
-    waiter = ResultWaiter(settings)
-    await waiter.start()
+    results: asyncio.Queue[IngestResult] = asyncio.Queue()
+    replies = _results(settings)
+    await replies.start()
     producer = make_producer(settings, client_id="ragbus-ingest")
     await producer.start()
     try:
@@ -258,13 +195,13 @@ async def ingest_files(
                 continue
             outcome.request_id = event.request_id
             by_request[event.request_id] = outcome
-            waiter.expect(event.request_id)
+            replies.expect(event.request_id, results.put_nowait, once=True)
             await producer.send(topic, enc.value, key=enc.key, headers=enc.headers)
         await producer.flush()
         pending = len(by_request)
         while pending:
             try:
-                result = await asyncio.wait_for(waiter.results.get(), idle_timeout)
+                result = await asyncio.wait_for(results.get(), idle_timeout)
             except TimeoutError:
                 break
             outcome = by_request[result.request_id]
@@ -275,7 +212,7 @@ async def ingest_files(
             notify(outcome)
     finally:
         await producer.stop()
-        await waiter.stop()
+        await replies.stop()
     report.elapsed_s = time.monotonic() - started
     return report
 
@@ -285,24 +222,25 @@ async def delete_documents(
 ) -> list[IngestResult | None]:
     """Send a delete for each document and wait for the results (None where none came)."""
     events = [DocumentIngest(tenant_id=tenant, user_id=user, doc_id=d, op="delete") for d in doc_ids]
-    waiter = ResultWaiter(settings)
-    await waiter.start()
+    results: asyncio.Queue[IngestResult] = asyncio.Queue()
+    replies = _results(settings)
+    await replies.start()
     producer = make_producer(settings, client_id="ragbus-ingest")
     await producer.start()
     got: dict[str, IngestResult] = {}
     try:
         for event in events:
-            waiter.expect(event.request_id)
+            replies.expect(event.request_id, results.put_nowait, once=True)
             enc = encode(event)
             await producer.send(settings.topics.docs_ingest, enc.value, key=enc.key, headers=enc.headers)
         await producer.flush()
         while len(got) < len(events):
             try:
-                result = await asyncio.wait_for(waiter.results.get(), idle_timeout)
+                result = await asyncio.wait_for(results.get(), idle_timeout)
             except TimeoutError:
                 break
             got[result.request_id] = result
     finally:
         await producer.stop()
-        await waiter.stop()
+        await replies.stop()
     return [got.get(e.request_id) for e in events]

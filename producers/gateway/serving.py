@@ -10,7 +10,6 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from producers.bulk.formats import split_messages
 from producers.client import ChatClient, ChatError, ChatTimeout
 from producers.gateway import metrics
 from producers.gateway.auth import Principal
@@ -20,7 +19,8 @@ from producers.gateway.errors import (
     pipeline_error,
     pipeline_error_response,
 )
-from producers.gateway.openai.protocol import (
+from producers.openai.convert import to_chat_request
+from producers.openai.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -33,7 +33,7 @@ from producers.gateway.openai.protocol import (
     Usage,
     error_body,
 )
-from schemas import ChatRequest, ChatResponse, SamplingParams
+from schemas import ChatRequest, ChatResponse
 
 log = logging.getLogger(__name__)
 
@@ -48,34 +48,10 @@ class OpenAIServing:
         return ModelList(data=[ModelCard(id=name) for name in ["ragbus", *self.models()]])
 
     def to_request(self, body: ChatCompletionRequest, who: Principal, client_ip: str | None) -> ChatRequest:
-        """The bus request of an OpenAI request; raises BadLine (messages that cannot become a
-        question) or pydantic's ValidationError (the contract refuses a field), both 400s."""
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        system, history, question = split_messages(messages)
-        stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-        # Built (so validated) by the contract: the protocol's bounds are looser than the bus's.
-        chosen = {
-            "max_tokens": body.max_completion_tokens or body.max_tokens,
-            "temperature": body.temperature,
-            "top_p": body.top_p,
-            "seed": body.seed,
-            "stop": stop,
-        }
-        sampling = SamplingParams(**{k: v for k, v in chosen.items() if v is not None})
-        request = self.client.request(
-            question,
-            tenant=who.tenant_id,
-            user=who.user_id,
-            history=history,
-            system_prompt=system,
-            model=None if body.model in ("", "ragbus") else body.model,
-            stream=body.stream,
-            timeout=self.timeout,
-            client_ip=client_ip,
-            metadata={"api": "openai", **({"openai_user": body.user} if body.user else {})},
+        """The bus request of an OpenAI request; raises InvalidInput (a 400)."""
+        return to_chat_request(
+            body, tenant_id=who.tenant_id, user_id=who.user_id, timeout=self.timeout, client_ip=client_ip
         )
-        request.sampling = sampling
-        return request
 
     async def create(self, body: ChatCompletionRequest, request: ChatRequest) -> Any:
         started = time.monotonic()

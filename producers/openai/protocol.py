@@ -1,4 +1,4 @@
-"""The subset of OpenAI's chat-completions protocol that ragbus serves."""
+"""The subset of OpenAI's chat-completions protocol that ragbus serves (gateway and bulk jobs)."""
 
 from __future__ import annotations
 
