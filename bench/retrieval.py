@@ -36,11 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from aiokafka import TopicPartition
 from tqdm import tqdm
 
 from bench.components import ComponentProcess, bench_settings
-from infra.kafka.clients import make_consumer, make_producer
+from infra.kafka.clients import make_consumer, make_producer, topic_partitions
 from infra.kafka.codec import encode
 from infra.kafka.topics import declare_topics
 from infra.milvus import make_milvus_client
@@ -115,11 +114,7 @@ class Collector:
 
     async def start(self) -> None:
         await self.consumer.start()
-        await self.consumer._client.force_metadata_update()  # noqa: SLF001 - see tests/helpers.py
-        tps = [
-            TopicPartition(self.topic, p)
-            for p in sorted(self.consumer.partitions_for_topic(self.topic) or ())
-        ]
+        tps = await topic_partitions(self.settings, self.consumer, [self.topic])
         self.consumer.assign(tps)
         await self.consumer.seek_to_end(*tps)
         for tp in tps:

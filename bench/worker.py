@@ -39,7 +39,7 @@ from inference_workers.engines.base import Engine, Generation
 from inference_workers.prompt import build_prompt
 from inference_workers.router import Router
 from inference_workers.worker.service import InferenceWorker
-from infra.kafka.clients import make_consumer, make_producer
+from infra.kafka.clients import make_consumer, make_producer, topic_partitions
 from infra.kafka.codec import encode
 from infra.kafka.topics import declare_topics
 from infra.settings import Settings
@@ -101,18 +101,10 @@ class Replies:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        from aiokafka import TopicPartition
 
         self.consumer = make_consumer(self.settings, group_id=None, fetch_max_wait_ms=5)
         await self.consumer.start()
-        topic = self.settings.topics.responses("chat")
-        parts = self.consumer.partitions_for_topic(topic)
-        if not parts:
-            await self.consumer._client.force_metadata_update()  # noqa: SLF001
-            parts = self.consumer.partitions_for_topic(topic)
-        if not parts:
-            raise RuntimeError(f"no partitions for {topic}")
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        tps = await topic_partitions(self.settings, self.consumer, [self.settings.topics.responses("chat")])
         self.consumer.assign(tps)
         await self.consumer.seek_to_end(*tps)
         for tp in tps:

@@ -7,9 +7,8 @@ import time
 from typing import Any
 
 import asyncpg
-from aiokafka import TopicPartition
 
-from infra.kafka.clients import make_admin, make_consumer
+from infra.kafka.clients import make_admin, make_consumer, topic_partitions
 from infra.kafka.codec import Encoded, encode
 from infra.settings import Settings
 from infra.smoke import sample_event
@@ -35,13 +34,7 @@ async def readable_records(settings: Settings, *, timeout: float = 60.0) -> tupl
     consumer = make_consumer(settings, group_id=None, fetch_max_wait_ms=50)
     await consumer.start()
     try:
-        tps = []
-        for t in topics:
-            parts = consumer.partitions_for_topic(t)
-            if not parts:
-                await consumer._client.force_metadata_update()  # noqa: SLF001 - aiokafka has no public refresh
-                parts = consumer.partitions_for_topic(t) or set()
-            tps.extend(TopicPartition(t, p) for p in parts)
+        tps = await topic_partitions(settings, consumer, topics)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
