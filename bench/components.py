@@ -48,7 +48,7 @@ class ComponentProcess:
         )
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "infra.cli.main", *self.args],
+                [sys.executable, "-m", "cli.main", *self.args],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -94,7 +94,7 @@ def spawn(args: list[str], settings: Settings, log_path: Any, **extra_env: str) 
 
     out = open(log_path, "ab")  # noqa: SIM115 - closed with the process by the caller's kill/wait
     return subprocess.Popen(
-        [sys.executable, "-m", "infra.cli.main", *args],
+        [sys.executable, "-m", "cli.main", *args],
         env=env_for(settings, **extra_env),
         stdout=out,
         stderr=subprocess.STDOUT,
@@ -110,7 +110,7 @@ async def run_ragbus(settings: Settings, *args: str, timeout: float = 300) -> tu
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "infra.cli.main",
+        "cli.main",
         *args,
         env=env_for(settings),
         stdout=asyncio.subprocess.PIPE,

@@ -32,18 +32,11 @@ from schemas import spec_for_topic
 log = logging.getLogger(__name__)
 
 
-def _served_models(settings: Settings) -> Callable[[], list[str]]:
-    def names() -> list[str]:
-        try:
-            from inference_workers.config import model_names
-        except ImportError:
-            return []
-        return model_names(settings)
-
-    return names
-
-
-def create_app(settings: Settings, keys: ApiKeys | None = None) -> FastAPI:
+def create_app(
+    settings: Settings, keys: ApiKeys | None = None, models: Callable[[], list[str]] | None = None
+) -> FastAPI:
+    """The gateway. `models` lists the served model names for `/v1/models` (the CLI passes the
+    workers' route table; the gateway itself knows nothing of the workers)."""
     keys = keys if keys is not None else ApiKeys.load(settings.gateway_keys_file)
     if not len(keys):
         log.warning("no API keys configured (RAGBUS_GATEWAY_KEYS_FILE): every request will be refused")
@@ -55,7 +48,7 @@ def create_app(settings: Settings, keys: ApiKeys | None = None) -> FastAPI:
         client = ChatClient(settings, remember=False)
         await client.start()
         state["serving"] = app.state.serving = OpenAIServing(
-            client, timeout=settings.gateway_timeout_s, models=_served_models(settings)
+            client, timeout=settings.gateway_timeout_s, models=models or list
         )
         try:
             yield

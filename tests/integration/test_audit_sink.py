@@ -264,7 +264,7 @@ async def _cli(settings: Settings, *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "infra.cli.main",
+        "cli.main",
         *args,
         env=env_for(settings, COLUMNS="200"),
         stdout=asyncio.subprocess.PIPE,

@@ -17,7 +17,7 @@ from infra.procs import free_port
 from schemas.topics import topic_names
 from tests.conftest import CACHE
 
-RAGBUS = [sys.executable, "-m", "infra.cli.main"]
+RAGBUS = [sys.executable, "-m", "cli.main"]
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:

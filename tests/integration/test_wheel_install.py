@@ -38,7 +38,7 @@ DATA_FILES = [
 #: Where the installed product finds its modules and the data files it reads at run time.
 PROBE = """
 import infra, schemas
-from infra.cli.demo import SAMPLES
+from cli.demo import SAMPLES
 from infra.kafka.broker import LOG4J2
 from infra.kafka.jars import POM
 from infra.postgres.migrations import MIGRATIONS_DIR

@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 import pytest
 from rich.console import Console
 
-from infra.cli.audit import audit_table, printable
-from infra.cli.common import print_json
+from cli.audit import audit_table, printable
+from cli.common import print_json
 from sinks.audit.query import AuditEntry
 
 

@@ -19,9 +19,9 @@ from rich.markup import escape
 from rich.rule import Rule
 from rich.table import Table
 
-from infra.cli.common import console, err_console, friendly_errors, settings
-from infra.cli.components import stop_all
-from infra.services import backgrounds
+from cli.background import backgrounds
+from cli.common import console, err_console, friendly_errors, settings
+from cli.components import stop_all
 from infra.stack import Stack
 
 SAMPLES = Path(__file__).resolve().parents[2] / "producers" / "samples"
@@ -30,7 +30,7 @@ DEMO_QUESTION = "What is the phone extension of the IT helpdesk?"
 
 def _ragbus(*args: str) -> None:
     """Run one `ragbus` command as a child, its output going straight to this terminal."""
-    cmd = [sys.executable, "-m", "infra.cli.main", *args]
+    cmd = [sys.executable, "-m", "cli.main", *args]
     console.print(f"[bold cyan]$ ragbus {escape(' '.join(args))}[/bold cyan]", highlight=False)
     code = subprocess.call(cmd)
     if code != 0:

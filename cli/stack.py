@@ -9,8 +9,8 @@ from dataclasses import asdict
 import typer
 from rich.table import Table
 
-from infra.cli.common import console, friendly_errors, print_json, settings
-from infra.cli.components import component_states, components_table
+from cli.common import console, friendly_errors, print_json, settings
+from cli.components import component_states, components_table
 from infra.kafka.inspect import cluster_view
 from infra.stack import Stack
 
@@ -38,7 +38,7 @@ def up(as_json: bool = typer.Option(False, "--json", help="Print the services as
 @friendly_errors
 def down() -> None:
     """Stop the components (`ragbus start`), then the local services (`ragbus up`); data is kept."""
-    from infra.cli.components import stop_all
+    from cli.components import stop_all
 
     s = settings()
     stop_all(s)

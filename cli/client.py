@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from infra.cli.common import console, err_console, friendly_errors, print_json, settings
+from cli.common import console, err_console, friendly_errors, print_json, settings
 
 bulk_app = typer.Typer(
     help="Bulk document Q&A jobs (OpenAI Batch format, or plain questions).", no_args_is_help=True
@@ -198,5 +198,7 @@ def gateway(
     s = settings()
     if keys is not None:
         s = s.model_copy(update={"gateway_keys_file": keys})
-    app = create_app(s)
+    from inference_workers.config import model_names
+
+    app = create_app(s, models=lambda: model_names(s))
     uvicorn.run(app, host=host or s.gateway_host, port=port or s.gateway_port, log_level=s.log_level.lower())

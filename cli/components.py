@@ -8,8 +8,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from infra.cli.common import console, friendly_errors, settings
-from infra.services import BY_NAME, COMPONENTS, Background, backgrounds
+from cli.background import BY_NAME, COMPONENTS, Background, backgrounds
+from cli.common import console, friendly_errors, settings
 from infra.settings import Settings
 
 _NAMES = ", ".join(BY_NAME)

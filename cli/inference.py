@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from infra.cli.common import console, err_console, friendly_errors, print_json, settings
+from cli.common import console, err_console, friendly_errors, print_json, settings
 
 worker_app = typer.Typer(
     help="The inference worker: enriched requests → micro-batched generation → answers.",

@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from infra.cli.common import console, err_console, friendly_errors, print_json, settings
+from cli.common import console, err_console, friendly_errors, print_json, settings
 from infra.settings import Settings
 
 T = TypeVar("T")

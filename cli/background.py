@@ -66,7 +66,7 @@ class Background:
             out.write(f"\n--- ragbus: starting {self.component.name} at {time.ctime()} ---\n".encode())
             out.flush()
             proc = subprocess.Popen(
-                [sys.executable, "-m", "infra.cli.main", *self.component.args, *extra],
+                [sys.executable, "-m", "cli.main", *self.component.args, *extra],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import typer
 
-from infra.cli import audit as audit_cmds
-from infra.cli import client as client_cmds
-from infra.cli import components as component_cmds
-from infra.cli import demo as demo_cmds
-from infra.cli import inference as inference_cmds
-from infra.cli import knowledge as knowledge_cmds
-from infra.cli import stack as stack_cmds
-from infra.cli.common import console, print_json, settings
+from cli import audit as audit_cmds
+from cli import client as client_cmds
+from cli import components as component_cmds
+from cli import demo as demo_cmds
+from cli import inference as inference_cmds
+from cli import knowledge as knowledge_cmds
+from cli import stack as stack_cmds
+from cli.common import console, print_json, settings
 
 app = typer.Typer(
     name="ragbus",
