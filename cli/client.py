@@ -200,5 +200,5 @@ def gateway(
         s = s.model_copy(update={"gateway_keys_file": keys})
     from inference_workers.config import model_names
 
-    app = create_app(s, models=lambda: model_names(s))
+    app = create_app(s, served_models=lambda: model_names(s))
     uvicorn.run(app, host=host or s.gateway_host, port=port or s.gateway_port, log_level=s.log_level.lower())

@@ -28,7 +28,8 @@ from infra.kafka.dlq import encode_dead_letter
 from infra.kafka.publisher import TransactionalPublisher
 from infra.settings import Settings
 from processors.records import RecordView
-from schemas import EventBase, spec_for_topic
+from schemas import EventBase
+from schemas.topics import max_event_bytes
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,7 @@ class BatchStage(ABC, Generic[E]):
         return encode_dead_letter(record, error, stage=self.stage_id)
 
     def max_bytes(self, topic: str) -> int:
-        spec = spec_for_topic(topic, self.settings.topic_prefix)
-        return spec.max_event_bytes if spec is not None else 1024 * 1024
+        return max_event_bytes(topic, self.settings.topic_prefix)
 
     async def process(self, records: Sequence[RecordView]) -> None:
         """Decode and prepare one micro-batch, then leave its second half running.

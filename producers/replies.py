@@ -23,14 +23,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from infra.kafka.clients import make_consumer, topic_partitions
 from infra.kafka.codec import DecodeError, decode_record
 from infra.settings import Settings
-from schemas import EventBase, spec_for_topic
+from schemas import EventBase
+from schemas.topics import max_event_bytes
 
 log = logging.getLogger(__name__)
 
 E = TypeVar("E", bound=EventBase)
-
-#: The largest event a topic ragbus does not declare may carry (a test's or an operator's topic).
-_UNDECLARED_MAX_BYTES = 64 * 1024 * 1024
 
 
 class ReplyReader(Generic[E]):
@@ -159,5 +157,4 @@ class ReplyReader(Generic[E]):
 
 
 def _max_bytes(settings: Settings, topic: str) -> int:
-    spec = spec_for_topic(topic, settings.topic_prefix)
-    return spec.max_event_bytes if spec is not None else _UNDECLARED_MAX_BYTES
+    return max_event_bytes(topic, settings.topic_prefix)

@@ -112,6 +112,23 @@ def spec_for_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> TopicSpec | None
     return _BY_SUFFIX.get(topic[len(head) :]) if topic.startswith(head) else None
 
 
+#: What consumers accept, and what a dead letter echoes, from a topic ragbus did not declare
+#: (e.g. one a pattern subscription picks up).
+UNDECLARED_MAX_BYTES = 1 * MIB
+
+
+def max_event_bytes(topic: str, prefix: str = DEFAULT_PREFIX) -> int:
+    """The largest event a consumer of `topic` decodes (its spec's `max_event_bytes`)."""
+    found = spec_for_topic(topic, prefix)
+    return found.max_event_bytes if found is not None else UNDECLARED_MAX_BYTES
+
+
+def max_message_bytes(topic: str, prefix: str = DEFAULT_PREFIX) -> int:
+    """What the broker accepts on `topic` (its spec's `max_message_bytes`)."""
+    found = spec_for_topic(topic, prefix)
+    return found.max_message_bytes if found is not None else UNDECLARED_MAX_BYTES
+
+
 class Topics:
     """Full topic names under one prefix: `Topics("ragbus").requests("chat")`."""
 

@@ -42,7 +42,8 @@ from infra.kafka.dlq import encode_dead_letter, rejection_response
 from infra.kafka.publisher import TransactionalPublisher
 from infra.settings import Settings
 from infra.telemetry import reinject_headers, start_span_from_headers, tracing_enabled
-from schemas import LANES, ErrorCode, TokenChunk, spec_for_topic
+from schemas import LANES, ErrorCode, TokenChunk
+from schemas.topics import max_event_bytes
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class InferenceWorker:
         self.intake = Intake(
             self._consumer,
             lanes=lanes,
-            max_bytes={t: (spec_for_topic(t, s.topic_prefix) or _Default).max_event_bytes for t in lanes},
+            max_bytes={t: max_event_bytes(t, s.topic_prefix) for t in lanes},
             max_inflight=s.llm_max_inflight,
             chat_headroom=s.llm_max_batch,
         )
@@ -540,7 +541,3 @@ def _mtime(path: Any) -> float | None:
 
 async def _noop() -> None:
     return None
-
-
-class _Default:
-    max_event_bytes = 1024 * 1024

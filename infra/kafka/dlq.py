@@ -15,7 +15,7 @@ from typing import Any
 
 from infra.kafka.codec import DecodeError, Encoded, RecordLike, encode, salvage_envelope
 from schemas import ChatResponse, DeadLetter, ErrorCode, ErrorInfo, KafkaHeader, Topics, limits
-from schemas.topics import dlq_name, spec_for_topic
+from schemas.topics import dlq_name, max_message_bytes
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +101,8 @@ def _timestamp(record: RecordLike) -> int | None:
 
 
 def _value_cap(topic: str) -> int:
-    """The source topic's max.message.bytes (its DLQ is sized for that much, base64 included);
-    1 MiB for a topic that is not a declared ragbus topic."""
-    prefix = topic.split(".", 1)[0]
-    spec = spec_for_topic(topic, prefix)
-    return spec.max_message_bytes if spec is not None else 1024 * 1024
+    """The source topic's max.message.bytes (its DLQ is sized for that much, base64 included)."""
+    return max_message_bytes(topic, topic.split(".", 1)[0])
 
 
 def _bounded(data: bytes | None, cap: int) -> tuple[bytes | None, bool]:

@@ -34,7 +34,8 @@ from producers.bulk.formats import (
 )
 from producers.bulk.state import JobState, JobStore
 from producers.replies import ReplyReader
-from schemas import ChatResponse, spec_for_topic
+from schemas import ChatResponse
+from schemas.topics import max_event_bytes
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,7 @@ class BulkRunner:
         self.column = column
         self.id_column = id_column
         self.topic = settings.topics.responses("bulk")
-        requests = spec_for_topic(settings.topics.requests("bulk"), settings.topic_prefix)
-        self._max_bytes = requests.max_event_bytes if requests is not None else 1024 * 1024
+        self._max_bytes = max_event_bytes(settings.topics.requests("bulk"), settings.topic_prefix)
         self._inflight: set[str] = set()
         self._done: set[str] = set()
         self._replies: ReplyReader[ChatResponse] = ReplyReader(

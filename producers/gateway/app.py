@@ -27,15 +27,15 @@ from producers.gateway.limits import BodySizeLimit
 from producers.gateway.serving import OpenAIServing
 from producers.openai.convert import InvalidInput, parse_body
 from producers.openai.protocol import ChatCompletionRequest
-from schemas import spec_for_topic
+from schemas.topics import max_event_bytes
 
 log = logging.getLogger(__name__)
 
 
 def create_app(
-    settings: Settings, keys: ApiKeys | None = None, models: Callable[[], list[str]] | None = None
+    settings: Settings, keys: ApiKeys | None = None, served_models: Callable[[], list[str]] | None = None
 ) -> FastAPI:
-    """The gateway. `models` lists the served model names for `/v1/models` (the CLI passes the
+    """The gateway. `served_models` lists the served model names for `/v1/models` (the CLI passes the
     workers' route table; the gateway itself knows nothing of the workers)."""
     keys = keys if keys is not None else ApiKeys.load(settings.gateway_keys_file)
     if not len(keys):
@@ -48,7 +48,7 @@ def create_app(
         client = ChatClient(settings, remember=False)
         await client.start()
         state["serving"] = app.state.serving = OpenAIServing(
-            client, timeout=settings.gateway_timeout_s, models=models or list
+            client, timeout=settings.gateway_timeout_s, models=served_models or list
         )
         try:
             yield
@@ -59,8 +59,7 @@ def create_app(
     errors.install(app)
     # Outermost: the cap holds before routing, parsing or the API key check.
     app.add_middleware(BodySizeLimit, max_bytes=settings.gateway_max_body_bytes)
-    requests_spec = spec_for_topic(settings.topics.requests("chat"), settings.topic_prefix)
-    max_event_bytes = requests_spec.max_event_bytes if requests_spec is not None else 1024 * 1024
+    event_limit = max_event_bytes(settings.topics.requests("chat"), settings.topic_prefix)
 
     def principal(request: Request) -> Principal | None:
         auth = request.headers.get("authorization", "")
@@ -126,12 +125,12 @@ def create_app(
             request.state.request_id = chat_request.request_id
             span.set_attribute("ragbus.request_id", chat_request.request_id)
             size = len(chat_request.model_dump_json().encode())
-            if size > max_event_bytes:
+            if size > event_limit:
                 metrics.REQUESTS.labels("invalid", "na").inc()
                 return openai_error(
                     413,
                     f"the request is {size} bytes as an event; the chat lane takes at most "
-                    f"{max_event_bytes} (shorten the messages)",
+                    f"{event_limit} (shorten the messages)",
                     "invalid_request_error",
                     "request_too_large",
                 )

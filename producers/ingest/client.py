@@ -19,8 +19,9 @@ from infra.kafka.clients import make_producer
 from infra.kafka.codec import encode
 from infra.settings import Settings
 from producers.replies import ReplyReader
-from schemas import DocumentIngest, IngestResult, spec_for_topic
+from schemas import DocumentIngest, IngestResult
 from schemas.events import ContentType
+from schemas.topics import max_event_bytes
 
 CONTENT_TYPES: dict[str, ContentType] = {
     ".txt": "text/plain",
@@ -169,8 +170,7 @@ async def ingest_files(
     started = time.monotonic()
     report = IngestReport(outcomes=[FileOutcome(job) for job in jobs])
     topic = settings.topics.docs_ingest
-    spec = spec_for_topic(topic, settings.topic_prefix)
-    limit = spec.max_event_bytes if spec is not None else 1024 * 1024
+    limit = max_event_bytes(topic, settings.topic_prefix)
     by_request: dict[str, FileOutcome] = {}
     notify = on_event or (lambda _: None)
 

@@ -25,7 +25,7 @@ from infra.settings import Settings
 from tests.conftest import CACHE
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ["schemas", "infra", "producers", "processors", "inference_workers", "sinks"]
+PACKAGES = ["schemas", "infra", "producers", "processors", "inference_workers", "sinks", "cli"]
 #: Files read at run time that a wheel must carry (see [tool.setuptools.package-data]).
 DATA_FILES = [
     "infra/kafka/log4j2.properties",
