@@ -19,12 +19,15 @@ from rich.markup import escape
 from rich.rule import Rule
 from rich.table import Table
 
+import producers
 from cli.background import backgrounds
 from cli.common import console, err_console, friendly_errors, settings
 from cli.components import stop_all
 from infra.stack import Stack
 
-SAMPLES = Path(__file__).resolve().parents[2] / "producers" / "samples"
+#: The sample documents and questions, packaged with `producers` (found the same from a checkout
+#: and from an installed wheel).
+SAMPLES = Path(producers.__file__).resolve().parent / "samples"
 DEMO_QUESTION = "What is the phone extension of the IT helpdesk?"
 
 

@@ -90,7 +90,7 @@ class ModelTable:
 
 
 def models_file(settings: Settings) -> Path | None:
-    path = getattr(settings, "llm_models_file", None)
+    path = settings.llm_models_file
     if path is not None:
         return Path(path).expanduser()
     default = settings.home / "models.toml"
@@ -118,13 +118,13 @@ def load_table(settings: Settings) -> ModelTable:
         except (ValueError, ValidationError, OSError) as e:
             raise ConfigError(f"{path}: {e}") from None
         return _table(parsed.models, parsed.routes, str(path), settings)
-    specs_raw: list[dict[str, Any]] = list(getattr(settings, "llm_models", []) or [])
+    specs_raw: list[dict[str, Any]] = list(settings.llm_models)
     if specs_raw:
         try:
             specs = [ModelSpec.model_validate(s) for s in specs_raw]
         except ValidationError as e:
             raise ConfigError(f"llm_models: {e}") from None
-        return _table(specs, dict(getattr(settings, "llm_routes", {}) or {}), "settings", settings)
+        return _table(specs, dict(settings.llm_routes), "settings", settings)
     return _table([ModelSpec(name=DEFAULT_MODEL_NAME)], {}, "default", settings)
 
 

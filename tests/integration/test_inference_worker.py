@@ -97,7 +97,7 @@ async def test_clear_errors_without_touching_the_engine(settings: Settings, engi
     assert all(len(v) == 1 for v in got.values())
     letters = await read_events(settings, settings.topics.dlq(settings.topics.enriched("chat")), DeadLetter)
     assert [d.error_class for d in letters] == ["schema_validation"]
-    assert worker.stats.answered == 0  # none of them reached the model
+    assert worker.answerer.stats.answered == 0  # none of them reached the model
 
 
 async def test_64_mixed_requests_chat_overtakes_bulk(settings: Settings, engine: LlamaCppEngine) -> None:
