@@ -190,7 +190,8 @@ def gateway(
         None, "--keys", exists=True, dir_okay=False, help="API keys file (TOML or JSON)."
     ),
 ) -> None:
-    """Serve the OpenAI-compatible HTTP API: /v1/chat/completions, /v1/models, /healthz, /metrics."""
+    """Serve the OpenAI-compatible HTTP API: /v1/chat/completions, /v1/embeddings, /v1/models,
+    /healthz, /metrics."""
     import uvicorn
 
     from producers.gateway.app import create_app
@@ -199,6 +200,8 @@ def gateway(
     if keys is not None:
         s = s.model_copy(update={"gateway_keys_file": keys})
     from inference_workers.config import model_names
+    from processors.embedding import Embedder
 
-    app = create_app(s, served_models=lambda: model_names(s))
+    # The processors' embedding model, loaded by the gateway on its first /v1/embeddings request.
+    app = create_app(s, served_models=lambda: model_names(s), embedder=lambda: Embedder.from_settings(s))
     uvicorn.run(app, host=host or s.gateway_host, port=port or s.gateway_port, log_level=s.log_level.lower())

@@ -188,6 +188,10 @@ class Settings(BaseSettings):
         description="Larger request bodies get 413 before they are parsed or authenticated; default: "
         "the largest event the chat.requests topic takes.",
     )
+    gateway_metrics_public: bool = Field(
+        default=True,
+        description="GET /metrics without an API key (for a local Prometheus); false: it needs a key too.",
+    )
 
     @classmethod
     def settings_customise_sources(

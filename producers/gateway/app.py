@@ -2,17 +2,19 @@
 
 Order of checks on a request: body size (middleware, before anything reads it), API key, then
 content type, JSON, the protocol's shape and the contract's limits — each refusal a 4xx in OpenAI's
-error shape (producers/gateway/errors.py)."""
+error shape (producers/gateway/errors.py). Every route lists in OpenAPI the statuses and content
+types it answers with (`responses=`), so a client generated from /openapi.json knows them all."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -21,27 +23,78 @@ from infra.telemetry import setup_telemetry, tracer
 from producers.client import ChatClient
 from producers.gateway import errors, metrics
 from producers.gateway.auth import ApiKeys, Principal
+from producers.gateway.embeddings import (
+    EmbeddingService,
+    ModelUnavailable,
+    TextEmbedder,
+    check_dimensions,
+    parse_request,
+    to_response,
+)
 from producers.gateway.errors import openai_error
 from producers.gateway.forwarded import client_address
 from producers.gateway.limits import BodySizeLimit
 from producers.gateway.serving import OpenAIServing
 from producers.openai.convert import InvalidInput, parse_body
-from producers.openai.protocol import ChatCompletionRequest
+from producers.openai.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    EmbeddingList,
+    ErrorBody,
+    ModelCard,
+    ModelList,
+)
 from schemas.topics import max_event_bytes
 
 log = logging.getLogger(__name__)
 
 
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for error statuses, all in OpenAI's error shape."""
+    words = {
+        400: "Invalid request: the body, a parameter ragbus does not support, or a bad header",
+        401: "Missing or unknown API key",
+        403: "The request is not allowed",
+        404: "The model is not served here",
+        413: "The body (or the event it makes) is too large",
+        415: "The body is not JSON",
+        499: "The request was cancelled",
+        500: "Internal error: the message gives the request id to look up in the log",
+        503: "The model is not available yet",
+        504: "No answer within the deadline",
+    }
+    return {s: {"model": ErrorBody, "description": words[s]} for s in statuses}
+
+
+def _json_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The same for a route whose own answers are not JSON (the errors still are)."""
+    ref = {"$ref": "#/components/schemas/ErrorBody"}  # registered by the routes that use _errors
+    return {
+        s: {"description": r["description"], "content": {"application/json": {"schema": ref}}}
+        for s, r in _errors(*statuses).items()
+    }
+
+
+#: Any request can meet the body cap (400 for a bad Content-Length, 413) and the catch-all 500.
+_ALWAYS = (400, 413, 500)
+
+
 def create_app(
-    settings: Settings, keys: ApiKeys | None = None, served_models: Callable[[], list[str]] | None = None
+    settings: Settings,
+    keys: ApiKeys | None = None,
+    served_models: Callable[[], list[str]] | None = None,
+    embedder: Callable[[], TextEmbedder] | None = None,
 ) -> FastAPI:
     """The gateway. `served_models` lists the served model names for `/v1/models` (the CLI passes the
-    workers' route table; the gateway itself knows nothing of the workers)."""
+    workers' route table; the gateway itself knows nothing of the workers). `embedder` loads the
+    embedding model for `/v1/embeddings` (the CLI passes the processors' loader; it is called on the
+    first embeddings request, on a worker thread); without it that route answers 404."""
     keys = keys if keys is not None else ApiKeys.load(settings.gateway_keys_file)
     if not len(keys):
         log.warning("no API keys configured (RAGBUS_GATEWAY_KEYS_FILE): every request will be refused")
     setup_telemetry(settings, "gateway")
     state: dict[str, OpenAIServing] = {}
+    embeddings = EmbeddingService(embedder, settings.embedding_model) if embedder is not None else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -54,6 +107,8 @@ def create_app(
             yield
         finally:
             await client.stop()
+            if embeddings is not None:
+                embeddings.close()
 
     app = FastAPI(title="ragbus gateway", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     errors.install(app)
@@ -82,8 +137,8 @@ def create_app(
         metrics.REQUESTS.labels("invalid", "na").inc()
         return openai_error(400, message, "invalid_request_error", code, param=param)
 
-    async def read_body(request: Request) -> ChatCompletionRequest | JSONResponse:
-        """The body as a ChatCompletionRequest, or the 4xx that says why it is not one."""
+    async def read_json(request: Request) -> Any:
+        """The body as decoded JSON, or the 4xx that says why it is not JSON."""
         media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if media and media != "application/json" and not media.endswith("+json"):
             metrics.REQUESTS.labels("invalid", "na").inc()
@@ -94,17 +149,34 @@ def create_app(
                 "unsupported_media_type",
             )
         try:
-            data = orjson.loads(await request.body())
+            return orjson.loads(await request.body())
         except orjson.JSONDecodeError as e:
             return invalid(f"the body is not valid JSON: {e}", "invalid_json")
+
+    async def read_body(request: Request) -> ChatCompletionRequest | JSONResponse:
+        """The body as a ChatCompletionRequest, or the 4xx that says why it is not one."""
+        data = await read_json(request)
+        if isinstance(data, Response):
+            return data
         if not isinstance(data, dict):
             return invalid("the body must be a JSON object", "invalid_json")
         try:
             return parse_body(data)
         except InvalidInput as e:
-            return invalid(str(e), param=e.param)
+            return invalid(str(e), e.code, e.param)
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        response_model=None,
+        responses={
+            200: {
+                "model": ChatCompletion,
+                "description": "The answer; with `stream: true`, server-sent chat.completion.chunk events",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+            **_errors(*_ALWAYS, 401, 403, 404, 415, 499, 504),
+        },
+    )
     async def chat_completions(request: Request) -> Response:
         who = principal(request)
         if who is None:
@@ -121,7 +193,7 @@ def create_app(
             try:
                 chat_request = serving.to_request(body, who, client_ip(request))
             except InvalidInput as e:
-                return invalid(str(e), param=e.param)
+                return invalid(str(e), e.code, e.param)
             request.state.request_id = chat_request.request_id
             span.set_attribute("ragbus.request_id", chat_request.request_id)
             size = len(chat_request.model_dump_json().encode())
@@ -136,20 +208,82 @@ def create_app(
                 )
             return await serving.create(body, chat_request)
 
-    @app.get("/v1/models")
+    @app.post(
+        "/v1/embeddings",
+        response_model=None,
+        responses={200: {"model": EmbeddingList}, **_errors(*_ALWAYS, 401, 404, 415, 503)},
+    )
+    async def create_embeddings(request: Request) -> Response:
+        """Embeddings with the processors' model, computed in the gateway's process. `model` is the
+        model's setting (RAGBUS_EMBEDDING_MODEL) or `ragbus-embed`."""
+        if principal(request) is None:
+            return unauthorized()
+        data = await read_json(request)
+        if isinstance(data, Response):
+            return data
+        try:
+            body = parse_request(data)
+        except InvalidInput as e:
+            return invalid(str(e), e.code, e.param)
+        if embeddings is None or body.model not in embeddings.names:
+            served = ", ".join(embeddings.names) if embeddings is not None else "none"
+            return openai_error(
+                404,
+                f"`model` is not an embedding model served here (served: {served})",
+                "invalid_request_error",
+                "model_not_found",
+                param="model",
+            )
+        try:
+            embedder = await embeddings.embedder()
+            check_dimensions(body, embedder.dimension)
+            vectors, tokens = await embeddings.embed(body.input)
+        except InvalidInput as e:
+            return invalid(str(e), e.code, e.param)
+        except ModelUnavailable:
+            return openai_error(
+                503,
+                "the embedding model could not be loaded (the gateway's log says why); try again later",
+                "server_error",
+                "model_unavailable",
+            )
+        metrics.EMBEDDINGS.inc(len(body.input))
+        return JSONResponse(to_response(body, embeddings.model_name, vectors, tokens).model_dump())
+
+    @app.get("/v1/models", response_model=ModelList, responses=_errors(*_ALWAYS, 401))
     async def models(request: Request) -> Response:
         if principal(request) is None:
             return unauthorized()
-        return JSONResponse(state["serving"].list_models().model_dump())
+        listed = state["serving"].list_models()
+        if embeddings is not None:
+            listed.data.extend(ModelCard(id=name) for name in embeddings.names)
+        return JSONResponse(listed.model_dump())
 
-    @app.get("/healthz")
+    @app.get(
+        "/healthz",
+        responses={
+            200: {"description": "Serving: the gateway reads replies from the bus"},
+            503: {"description": "Starting: not reading replies yet"},
+            **_errors(*_ALWAYS),
+        },
+    )
     async def healthz() -> Response:
         serving = state.get("serving")
         ok = serving is not None and serving.client.replies.alive
         return JSONResponse({"status": "ok" if ok else "starting"}, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
-    async def prometheus() -> Response:
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={
+            200: {"description": "Prometheus text exposition", "content": {"text/plain": {}}},
+            **_json_errors(*_ALWAYS, 401),
+        },
+    )
+    async def prometheus(request: Request) -> Response:
+        """Prometheus metrics; with RAGBUS_GATEWAY_METRICS_PUBLIC=false only for a valid API key."""
+        if not settings.gateway_metrics_public and principal(request) is None:
+            return unauthorized()
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

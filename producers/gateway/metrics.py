@@ -18,3 +18,4 @@ LATENCY = Histogram(
 )
 TOKENS = Counter("ragbus_gateway_tokens", "Tokens in answered requests", ["kind"], registry=registry)
 INFLIGHT = Gauge("ragbus_gateway_inflight", "Requests awaiting an answer", registry=registry)
+EMBEDDINGS = Counter("ragbus_gateway_embeddings", "Texts embedded by /v1/embeddings", registry=registry)

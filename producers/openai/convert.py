@@ -12,7 +12,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from producers.openai.protocol import ChatCompletionRequest
+from producers.openai.protocol import (
+    NEUTRAL_MESSAGE_FIELDS,
+    NEUTRAL_PARAMS,
+    NEUTRAL_STREAM_OPTIONS,
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    StreamOptions,
+)
 from producers.requests import build_chat_request
 from schemas import ChatMessage, ChatRequest
 
@@ -22,9 +29,10 @@ class InvalidInput(ValueError):
     field as OpenAI writes it, when one is known. The gateway answers it with a 400, a bulk job
     with an error line."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
 
     @classmethod
     def of_protocol(cls, err: ValidationError) -> InvalidInput:
@@ -39,13 +47,53 @@ class InvalidInput(ValueError):
 
 
 def parse_body(data: Any) -> ChatCompletionRequest:
-    """A decoded JSON body as a ChatCompletionRequest; raises InvalidInput."""
+    """A decoded JSON body as a ChatCompletionRequest; raises InvalidInput. A parameter ragbus does
+    not honour is refused by name (code `unsupported_parameter`) unless it has its neutral value,
+    and one it does not know at all is refused by name too (code `unknown_parameter`)."""
     if not isinstance(data, dict):
         raise InvalidInput("the body must be a JSON object", "body")
+    body = drop_neutral(data, NEUTRAL_PARAMS, set(ChatCompletionRequest.model_fields), "")
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        fields = set(ChatCompletionMessage.model_fields)
+        body["messages"] = [
+            drop_neutral(m, NEUTRAL_MESSAGE_FIELDS, fields, f"messages.[{i}].") if isinstance(m, dict) else m
+            for i, m in enumerate(messages)
+        ]
+    options = body.get("stream_options")
+    if isinstance(options, dict):
+        body["stream_options"] = drop_neutral(
+            options, NEUTRAL_STREAM_OPTIONS, set(StreamOptions.model_fields), "stream_options."
+        )
     try:
-        return ChatCompletionRequest.model_validate(data)
+        return ChatCompletionRequest.model_validate(body)
     except ValidationError as e:
         raise InvalidInput.of_protocol(e) from None
+
+
+def drop_neutral(
+    obj: dict[str, Any], neutral: dict[str, tuple[Any, str]], known: set[str], where: str
+) -> dict[str, Any]:
+    """`obj` without its neutral-only parameters; raises InvalidInput naming the first parameter
+    that is neither honoured (`known`) nor at its neutral value. `where` prefixes the names
+    (`messages.[0].`)."""
+    unknown = [k for k in obj if k not in known and k not in neutral]
+    if unknown:
+        names = ", ".join(f"`{where}{k[:64]}`" for k in unknown[:5])
+        raise InvalidInput(
+            f"{names} {'is not a parameter' if len(unknown) == 1 else 'are not parameters'} ragbus "
+            "knows; remove it (see the gateway's documentation for what is supported)",
+            where + unknown[0][:64],
+            "unknown_parameter",
+        )
+    for k, v in obj.items():
+        if k in neutral and not neutral[k][0](v):
+            raise InvalidInput(
+                f"`{where}{k}` is not supported by ragbus; send {neutral[k][1]} or leave it out",
+                where + k,
+                "unsupported_parameter",
+            )
+    return {k: v for k, v in obj.items() if k not in neutral}
 
 
 def to_chat_request(body: ChatCompletionRequest, **envelope: Any) -> ChatRequest:
@@ -70,11 +118,23 @@ def to_chat_request(body: ChatCompletionRequest, **envelope: Any) -> ChatRequest
                 "seed": body.seed,
                 "stop": stop,
             },
-            metadata={"api": "openai", **({"openai_user": body.user} if body.user else {})},
+            metadata=_metadata(body),
             **envelope,
         )
     except ValidationError as e:
         raise InvalidInput.of_contract(e) from None
+
+
+def _metadata(body: ChatCompletionRequest) -> dict[str, str]:
+    """What the request says about itself, kept with it on the bus and in the audit log."""
+    meta = {"api": "openai"}
+    if body.user:
+        meta["openai_user"] = body.user
+    if body.safety_identifier:
+        meta["openai_safety_identifier"] = body.safety_identifier
+    for k, v in (body.metadata or {}).items():
+        meta[f"openai_metadata.{k}"] = v
+    return meta
 
 
 def _text_of(content: Any, where: str) -> str:
@@ -127,7 +187,7 @@ _OPENAI_FIELD = {
     "system_prompt": "messages",
     "model": "model",
     "custom_id": "custom_id",
-    "metadata": "user",
+    "metadata": "metadata",
     "client_ip": "X-Forwarded-For",
 }
 

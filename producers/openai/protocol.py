@@ -1,15 +1,88 @@
-"""The subset of OpenAI's chat-completions protocol that ragbus serves (gateway and bulk jobs)."""
+"""The subset of OpenAI's chat-completions and embeddings protocols that ragbus serves (gateway
+and bulk jobs).
+
+Every parameter of OpenAI's chat completions is in exactly one of three places, so none is
+silently ignored: a field of ChatCompletionRequest (honoured: mapped onto the contract, or a hint
+recorded in the request's metadata), `NEUTRAL_PARAMS` (accepted only at the value that changes
+nothing, OpenAI's default), or neither (a 400 that names it). producers/openai/convert.py applies
+the rules before the model validates the rest."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from schemas import limits
+
+
+def _none(v: Any) -> bool:
+    return v is None
+
+
+def _number(expected: float) -> Callable[[Any], bool]:
+    return lambda v: v is None or (isinstance(v, int | float) and not isinstance(v, bool) and v == expected)
+
+
+def _empty(v: Any) -> bool:
+    return v is None or v == [] or v == {}
+
+
+def _one_of(*values: Any) -> Callable[[Any], bool]:
+    # `==` per value, so that 0 and False (or 1 and True) are not taken for each other.
+    return lambda v: any(v == x and type(v) is type(x) for x in values)
+
+
+#: OpenAI chat-completions parameters ragbus has no engine support for, accepted only at their
+#: neutral value (the one that asks for nothing): name → (is it neutral, the neutral value in words).
+NEUTRAL_PARAMS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "n": (_number(1), "1"),
+    "presence_penalty": (_number(0), "0"),
+    "frequency_penalty": (_number(0), "0"),
+    "logit_bias": (_empty, "{}"),
+    "logprobs": (_one_of(None, False), "false"),
+    "top_logprobs": (_number(0), "0"),
+    "response_format": (lambda v: v is None or v == {"type": "text"}, '{"type": "text"}'),
+    "tools": (_empty, "[]"),
+    # Without tools, "auto" and "none" both mean: answer in text.
+    "tool_choice": (_one_of(None, "none", "auto"), '"none"'),
+    "parallel_tool_calls": (_one_of(None, True, False), "a boolean, with no tools"),
+    "functions": (_empty, "[]"),
+    "function_call": (_one_of(None, "none", "auto"), '"none"'),
+    "audio": (_none, "null"),
+    "modalities": (lambda v: v is None or v == ["text"], '["text"]'),
+    "prediction": (_none, "null"),
+    "store": (_one_of(None, False), "false"),
+    "reasoning_effort": (_one_of(None, "none"), '"none"'),
+    "moderation": (_none, "null"),
+    "prompt_cache_options": (_empty, "{}"),
+    "prompt_cache_retention": (_none, "null"),
+    "verbosity": (_one_of(None, "medium"), '"medium"'),
+    "service_tier": (_one_of(None, "auto", "default"), '"auto"'),
+    "web_search_options": (_none, "null"),
+}
+
+#: The same for the fields of a message (what OpenAI clients echo back in assistant turns).
+NEUTRAL_MESSAGE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "name": (_none, "null"),
+    "tool_calls": (_empty, "[]"),
+    "tool_call_id": (_none, "null"),
+    "function_call": (_none, "null"),
+    "refusal": (_none, "null"),
+    "audio": (_none, "null"),
+}
+
+#: The same for `stream_options`.
+NEUTRAL_STREAM_OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    # ragbus pads no stream chunks: obfuscation is off.
+    "include_obfuscation": (_one_of(None, False), "false"),
+}
+
 
 class ChatCompletionMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
@@ -26,26 +99,43 @@ class ChatCompletionMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
 
 
 class ChatCompletionRequest(BaseModel):
-    """Unknown fields are accepted and ignored, as OpenAI clients send many optional ones."""
+    """The parameters ragbus honours. Neutral-only parameters are checked and dropped before this
+    model sees a body (producers/openai/convert.py); anything else is refused here too."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
     model: str = "ragbus"
     messages: list[ChatCompletionMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
+    #: OpenAI's newer name for max_tokens; wins when both are sent.
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = None
     stop: str | list[str] | None = None
-    user: str | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    #: End-user hints, recorded in the request's metadata (and so in the audit log).
+    user: str | None = Field(default=None, max_length=limits.METADATA_VALUE_MAX)
+    safety_identifier: str | None = Field(default=None, max_length=limits.METADATA_VALUE_MAX)
+    #: OpenAI's own bounds: 16 pairs, keys up to 64 characters, values up to 512.
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    #: A cache-routing hint: ragbus's answer cache keys on the request itself, so it changes nothing.
+    prompt_cache_key: str | None = Field(default=None, max_length=1024)
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_bounds(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for k, v in (value or {}).items():
+            if not 1 <= len(k) <= 64 or len(v) > 512:
+                raise ValueError("keys are 1 to 64 characters and values at most 512")
+        return value
 
 
 class Usage(BaseModel):
@@ -109,6 +199,52 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error shape: every refusal of the gateway is one of these."""
+
+    error: ErrorDetail
+
+
+class EmbeddingRequest(BaseModel):
+    """POST /v1/embeddings. `input` is checked by hand (producers/gateway/embeddings.py) so that a
+    token array gets its own words; the rest refuses what it does not know."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    input: Any
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    #: An end-user hint, as in chat completions; embeddings are not audited, so it is not kept.
+    user: str | None = Field(default=None, max_length=limits.METADATA_VALUE_MAX)
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    #: float: the numbers; base64: the little-endian float32 bytes, as OpenAI sends them.
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
