@@ -49,7 +49,8 @@ class ChatClient:
 
     async def start(self) -> None:
         await self._replies.start()
-        self._producer = make_producer(self.settings, client_id="ragbus-client")
+        # A question waits for nobody: no linger (batching is for bulk jobs and ingestion).
+        self._producer = make_producer(self.settings, client_id="ragbus-client", linger_ms=0)
         await self._producer.start()
 
     async def stop(self) -> None:
