@@ -11,27 +11,47 @@ from rich.table import Table
 
 from cli.common import console, friendly_errors, print_json, settings
 from cli.components import component_states, components_table
-from infra.kafka.inspect import cluster_view
+from infra.kafka.inspect import ClusterView, cluster_view
 from infra.stack import Stack
 
 
 @friendly_errors
-def up(as_json: bool = typer.Option(False, "--json", help="Print the services as JSON.")) -> None:
+def up(
+    as_json: bool = typer.Option(False, "--json", help="Print the services as JSON."),
+    brokers: int | None = typer.Option(
+        None,
+        "--brokers",
+        min=1,
+        max=9,
+        help="Local Kafka brokers to start: 3 is a KRaft quorum of three nodes (ports RAGBUS_KAFKA_PORT "
+        "+ 0, 2, 4) with topics replicated 3 times, min.insync.replicas 2 (default: RAGBUS_KAFKA_BROKERS, "
+        "1). Set RAGBUS_KAFKA_BROKERS too so that other commands bootstrap from every node.",
+    ),
+) -> None:
     """Start the local stack in the background (Kafka, Postgres, Milvus Lite), declare the topics
     and apply migrations. Services named by RAGBUS_KAFKA_BOOTSTRAP / RAGBUS_PG_DSN /
     RAGBUS_MILVUS_URI are used as they are, not started."""
     s = settings()
     started = time.monotonic()
-    stack = Stack(s)
+    stack = Stack(s, brokers=brokers)
     declared = stack.up()
     states = stack.health()
+    elapsed = time.monotonic() - started
     if as_json:
-        print_json({"services": [asdict(x) for x in states], "topics_created": declared.created})
+        print_json(
+            {
+                "services": [asdict(x) for x in states],
+                "topics_created": declared.created,
+                "replication_factor": declared.replication_factor,
+                "seconds": round(elapsed, 2),
+            }
+        )
         return
     _services_table(states)
     console.print(
         f"topics: {len(declared.created)} created, {len(declared.existing)} already there "
-        f"(prefix [bold]{s.topic_prefix}[/bold]); ready in {time.monotonic() - started:.1f} s"
+        f"(prefix [bold]{s.topic_prefix}[/bold], replication factor {declared.replication_factor}); "
+        f"ready in {elapsed:.1f} s"
     )
 
 
@@ -49,15 +69,23 @@ def down() -> None:
 @friendly_errors
 def status(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
     """Health of each service, the topics with partitions and end offsets, and consumer-group lag."""
-    s = settings()
-    states = Stack(s).health()
+    stack = Stack(settings())
+    s = stack.settings
+    states = stack.health()
     kafka_ok = states[0].healthy
-    view = asyncio.run(cluster_view(s)) if kafka_ok else None
+    view = asyncio.run(cluster_view(s, expected=stack.expected_brokers())) if kafka_ok else None
     components = component_states(s)
+    # A broker down or a partition without a leader is a failed status even while Kafka serves.
+    degraded = view is not None and (any(not b.up for b in view.broker_nodes) or bool(view.offline))
+    healthy = all(x.healthy for x in states) and not degraded
     if as_json:
         print_json(
             {
                 "services": [asdict(x) for x in states],
+                "brokers": [asdict(b) for b in view.broker_nodes] if view else [],
+                "controller": view.controller_id if view else None,
+                "under_replicated": [asdict(r) for r in view.under_replicated] if view else [],
+                "offline": [asdict(r) for r in view.offline] if view else [],
                 "components": [asdict(c) for c in components],
                 "topics": [asdict(t) | {"messages": t.messages} for t in view.topics] if view else [],
                 "groups": [asdict(g) | {"total_lag": g.total_lag, "exact": g.exact} for g in view.groups]
@@ -65,10 +93,11 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print as JSON."))
                 else [],
             }
         )
-        raise typer.Exit(0 if all(x.healthy for x in states) else 1)
+        raise typer.Exit(0 if healthy else 1)
     _services_table(states)
     console.print(components_table(components))
     if view is not None:
+        _brokers_table(view)
         topics = Table(title=f"topics ({view.brokers} broker{'s' if view.brokers != 1 else ''})")
         for col in ("topic", "partitions", "end offsets (sum)"):
             topics.add_column(col, justify="right" if col != "topic" else "left")
@@ -88,8 +117,32 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print as JSON."))
         if not view.groups:
             groups.add_row("(none yet)", "", "")
         console.print(groups)
-    if not all(x.healthy for x in states):
+    if not healthy:
         raise typer.Exit(1)
+
+
+def _brokers_table(view: ClusterView) -> None:
+    table = Table(title="brokers")
+    for col in ("id", "listens at", "state", "role"):
+        table.add_column(col)
+    for b in view.broker_nodes:
+        table.add_row(
+            str(b.node_id),
+            b.address,
+            "[green]up[/green]" if b.up else "[red]down[/red]",
+            "active controller" if b.node_id == view.controller_id else "",
+        )
+    console.print(table)
+    short = view.under_replicated
+    if short:
+        listed = ", ".join(f"{r.topic}/{r.partition} (isr {r.isr} of {r.replicas})" for r in short[:10])
+        more = f" and {len(short) - 10} more" if len(short) > 10 else ""
+        console.print(f"[yellow]under-replicated partitions: {len(short)}[/yellow]: {listed}{more}")
+    else:
+        console.print("under-replicated partitions: 0")
+    if view.offline:
+        listed = ", ".join(f"{r.topic}/{r.partition}" for r in view.offline[:10])
+        console.print(f"[red]partitions without a leader: {len(view.offline)}[/red]: {listed}")
 
 
 @friendly_errors

@@ -67,6 +67,13 @@ class Settings(BaseSettings):
     kafka_controller_port: int = Field(default=9093, ge=0, le=65535)
     kafka_version: str = "4.1.1"
     kafka_heap: str = "768m"
+    kafka_brokers: int = Field(
+        default=1,
+        ge=1,
+        le=9,
+        description="Brokers `ragbus up` starts here (a KRaft quorum when > 1); node i listens on "
+        "kafka_port + 2(i-1) and kafka_controller_port + 2(i-1).",
+    )
     kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
     kafka_sasl_mechanism: SaslMechanism | None = None
     kafka_sasl_username: str | None = None
@@ -81,7 +88,9 @@ class Settings(BaseSettings):
     kafka_linger_ms: int = Field(default=5, ge=0)
     kafka_request_timeout_ms: int = Field(default=30_000, ge=1000)
     kafka_partitions: int | None = Field(default=None, ge=1, description="Overrides every topic's count.")
-    kafka_replication_factor: int = Field(default=1, ge=1)
+    kafka_replication_factor: int | None = Field(
+        default=None, ge=1, description="Of the declared topics; unset: min(3, brokers in the cluster)."
+    )
     kafka_max_poll_interval_ms: int = Field(default=300_000, ge=1000)
     kafka_session_timeout_ms: int = Field(default=10_000, ge=1000)
 
@@ -227,7 +236,9 @@ class Settings(BaseSettings):
     @property
     def bootstrap(self) -> str:
         """The bootstrap servers clients use: the configured cluster or the local broker."""
-        return self.kafka_bootstrap or f"{self.kafka_host}:{self.kafka_port}"
+        if self.kafka_bootstrap:
+            return self.kafka_bootstrap
+        return ",".join(f"{self.kafka_host}:{self.kafka_port + 2 * i}" for i in range(self.kafka_brokers))
 
     @property
     def uses_local_kafka(self) -> bool:

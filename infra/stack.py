@@ -1,5 +1,11 @@
-"""The local stack behind `ragbus up/down/status`: a Kafka broker, a Postgres server and a Milvus
-Lite file under RAGBUS_HOME, each used only where settings name no external service."""
+"""The local stack behind `ragbus up/down/status`: a Kafka broker (or a local KRaft cluster of
+several, `ragbus up --brokers 3`), a Postgres server and a Milvus Lite file under RAGBUS_HOME, each
+used only where settings name no external service.
+
+One broker lives in `<home>/broker`, a cluster in `<home>/kafka-cluster` (`infra.kafka.cluster`):
+separate storage, because a KRaft node's storage is formatted for one voter set. Commands that do
+not say how many brokers (`status`, `down`, ...) find a running local cluster by itself.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.kafka.broker import LocalKafka, probe
+from infra.kafka.cluster import CLUSTER_HEAP, LocalKafkaCluster
 from infra.kafka.topics import Declared, declare_topics
 from infra.postgres.server import LocalPostgres
 from infra.procs import ServiceError
@@ -27,23 +34,60 @@ class ServiceState:
     managed: bool = True
 
 
+CLUSTER_DIR = "kafka-cluster"
+
+
+def _single(settings: Settings) -> LocalKafka:
+    return LocalKafka(
+        settings.home / "broker",
+        cache=settings.home,
+        version=settings.kafka_version,
+        host=settings.kafka_host,
+        port=settings.kafka_port,
+        controller_port=settings.kafka_controller_port,
+        heap=settings.kafka_heap,
+    )
+
+
+def _cluster(settings: Settings, brokers: int) -> LocalKafkaCluster:
+    return LocalKafkaCluster(
+        settings.home / CLUSTER_DIR,
+        cache=settings.home,
+        version=settings.kafka_version,
+        brokers=brokers,
+        host=settings.kafka_host,
+        port=settings.kafka_port,
+        controller_port=settings.kafka_controller_port,
+        # Three JVMs share the machine: a smaller heap each unless one was set.
+        heap=settings.kafka_heap if "kafka_heap" in settings.model_fields_set else CLUSTER_HEAP,
+    )
+
+
+def local_brokers(settings: Settings, brokers: int | None = None) -> int:
+    """How many local brokers this command is about: the number asked for, else the setting, else
+    the size of a local cluster that is running (so `ragbus status` and `down` find it)."""
+    if brokers is not None:
+        return brokers
+    if settings.kafka_brokers > 1:
+        return settings.kafka_brokers
+    formatted = LocalKafkaCluster.formatted_brokers(settings.home / CLUSTER_DIR)
+    if formatted and formatted > 1 and _cluster(settings, formatted).running:
+        return formatted
+    return 1
+
+
 class Stack:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, brokers: int | None = None) -> None:
+        if brokers is not None and brokers < 1:
+            raise ServiceError(f"--brokers must be 1 or more, got {brokers}")
+        self.kafka: LocalKafka | LocalKafkaCluster | None = None
+        if settings.uses_local_kafka:
+            n = local_brokers(settings, brokers)
+            # Clients bootstrap from every local node (Settings.bootstrap), so one down is no matter.
+            settings = settings.model_copy(update={"kafka_brokers": n})
+            self.kafka = _single(settings) if n == 1 else _cluster(settings, n)
         self.settings = settings
         home = settings.home
-        self.kafka: LocalKafka | None = (
-            LocalKafka(
-                home / "broker",
-                cache=home,
-                version=settings.kafka_version,
-                host=settings.kafka_host,
-                port=settings.kafka_port,
-                controller_port=settings.kafka_controller_port,
-                heap=settings.kafka_heap,
-            )
-            if settings.uses_local_kafka
-            else None
-        )
         self.postgres: LocalPostgres | None = (
             LocalPostgres(
                 home / "postgres",
@@ -60,6 +104,13 @@ class Stack:
     def up(self) -> Declared:
         """Start what is local, then declare topics and apply migrations on whatever is used."""
         if self.kafka is not None:
+            other = self._other_kafka()
+            if other is not None and other.running:
+                raise ServiceError(
+                    f"a local Kafka {'cluster' if isinstance(other, LocalKafkaCluster) else 'broker'} "
+                    f"from an earlier `ragbus up` runs under {other.root}; stop it with `ragbus down`, "
+                    "then run `ragbus up` again"
+                )
             self.kafka.start()
         elif not probe(self.settings.bootstrap) and self.settings.kafka_security_protocol == "PLAINTEXT":
             raise ServiceError(f"no Kafka broker answers at RAGBUS_KAFKA_BOOTSTRAP={self.settings.bootstrap}")
@@ -82,9 +133,28 @@ class Stack:
         finally:
             await conn.close()
 
+    def _other_kafka(self) -> LocalKafka | LocalKafkaCluster | None:
+        """The local Kafka of the other layout (the cluster when this is one broker, and back)."""
+        if isinstance(self.kafka, LocalKafkaCluster):
+            return _single(self.settings)
+        formatted = LocalKafkaCluster.formatted_brokers(self.settings.home / CLUSTER_DIR)
+        return _cluster(self.settings, formatted) if formatted and formatted > 1 else None
+
+    def expected_brokers(self) -> dict[int, str] | None:
+        """Node id → address of the local brokers (None for an external cluster)."""
+        if isinstance(self.kafka, LocalKafkaCluster):
+            return {n.node_id: n.bootstrap for n in self.kafka.nodes}
+        if isinstance(self.kafka, LocalKafka):
+            return {self.kafka.node_id: self.kafka.bootstrap}
+        return None
+
     def down(self) -> None:
+        """Stop what `ragbus up` started: the local Kafka of either layout, and Postgres."""
         if self.kafka is not None:
             self.kafka.stop()
+            other = self._other_kafka()
+            if other is not None and other.running:
+                other.stop()
         if self.postgres is not None:
             self.postgres.stop()
 
@@ -92,7 +162,16 @@ class Stack:
     def health(self) -> list[ServiceState]:
         s = self.settings
         states = []
-        if self.kafka is not None:
+        if isinstance(self.kafka, LocalKafkaCluster):
+            # Healthy while it serves: with one node of three down it still does (status lists
+            # which broker is down and which partitions are short of replicas).
+            ok = self.kafka.running and _safe(lambda: probe(s.bootstrap))
+            detail = "; ".join(
+                f"node {n.node_id} " + (f"pid {n.pid}" if n.running else "not running")
+                for n in self.kafka.nodes
+            )
+            states.append(ServiceState("kafka", ok, s.bootstrap, detail, self.kafka.log_path))
+        elif self.kafka is not None:
             ok = self.kafka.running and _safe(lambda: probe(s.bootstrap))
             detail = f"pid {self.kafka.pid}" if self.kafka.running else "not running"
             states.append(ServiceState("kafka", ok, s.bootstrap, detail, self.kafka.log_path))

@@ -2,7 +2,8 @@
 
 Used by `ragbus up` and by the test fixtures when no cluster is named by RAGBUS_KAFKA_BOOTSTRAP
 and no Docker engine answers. Data survives `stop()`/`start()`; `kill()` is a SIGKILL for
-crash tests.
+crash tests. One node of a multi-node quorum (`infra.kafka.cluster`) is the same class with its
+node id, the quorum's voters, a shared cluster id and the replication of the internal topics.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class LocalKafka:
         heap: str = "768m",
         sasl_ssl: SaslSslListener | None = None,
         default_partitions: int = 1,
+        node_id: int = 1,
+        voters: str | None = None,
+        replication: int = 1,
+        cluster_id: str | None = None,
     ) -> None:
         self.root = root
         self.cache = cache
@@ -69,6 +74,14 @@ class LocalKafka:
         self.heap = heap
         self.sasl_ssl = sasl_ssl
         self.default_partitions = default_partitions
+        self.node_id = node_id
+        #: `controller.quorum.voters` (id@host:port,...); None: this node alone.
+        self.voters = voters
+        #: Replication factor of the internal topics (offsets, transaction state) and of topics
+        #: created without one; their min.insync.replicas follows from it (`min_insync`).
+        self.replication = replication
+        #: Formats the storage with this id (all nodes of one quorum share it); None: a new one.
+        self.cluster_id = cluster_id
         self._proc: subprocess.Popen[bytes] | None = None
 
     # --- layout ----------------------------------------------------------------------------
@@ -126,23 +139,26 @@ class LocalKafka:
 
     def _properties(self) -> dict[str, str]:
         h = self.host
+        rf, isr = str(self.replication), str(min_insync(self.replication))
         listeners = [f"PLAINTEXT://{h}:{self.port}", f"CONTROLLER://{h}:{self.controller_port}"]
         protocol_map = ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT"]
         props = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@{h}:{self.controller_port}",
+            "node.id": str(self.node_id),
+            "controller.quorum.voters": self.voters or f"{self.node_id}@{h}:{self.controller_port}",
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(self.data_dir),
             "num.partitions": str(self.default_partitions),
-            "offsets.topic.replication.factor": "1",
+            "default.replication.factor": rf,
+            "min.insync.replicas": isr,
+            "offsets.topic.replication.factor": rf,
             "offsets.topic.num.partitions": "10",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.replication.factor": rf,
+            "transaction.state.log.min.isr": isr,
             "transaction.state.log.num.partitions": "10",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": rf,
+            "share.coordinator.state.topic.min.isr": isr,
             "group.initial.rebalance.delay.ms": "0",
             "auto.create.topics.enable": "false",
             "message.max.bytes": str(64 * 1024 * 1024),
@@ -153,6 +169,15 @@ class LocalKafka:
             "num.io.threads": "4",
             "background.threads": "4",
         }
+        if self.replication > 1:
+            # A crashed peer is fenced (and its partitions led elsewhere) after 6 s, not 9 s.
+            props["broker.heartbeat.interval.ms"] = "1000"
+            props["broker.session.timeout.ms"] = "6000"
+            # A node's controlled shutdown waits for the active controller's approval, which never
+            # comes to the last nodes of a quorum being stopped together (`ragbus down`): they would
+            # each sit out the stop timeout. Without it a stopping node's partitions move to the
+            # others once its session ends (6 s); its log is flushed and closed cleanly either way.
+            props["controlled.shutdown.enable"] = "false"
         if self.sasl_ssl is not None:
             p12, _ = self.tls_dir / "broker.p12", self.ca_file
             pw = self._keystore_password()
@@ -208,7 +233,7 @@ class LocalKafka:
             make_keystore(self.tls_dir, self._keystore_password(), self.host)
         self._write_config()
         if not self.formatted:
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = self.cluster_id or new_cluster_id()
             args = ["format", f"--cluster-id={cluster_id}", "-c", str(self.config_path)]
             for user in self.sasl_ssl.users if self.sasl_ssl else []:
                 args += ["--add-scram", f"{user.mechanism}=[name={user.name},password={user.password}]"]
@@ -225,21 +250,25 @@ class LocalKafka:
         return libs
 
     # --- lifecycle -------------------------------------------------------------------------
-    def start(self, *, wait: bool = True, timeout: float = 120.0) -> int:
-        if self.running:
-            if wait:
-                self.wait_ready(timeout)
-            return self.pid  # type: ignore[return-value]
+    def check_ports(self) -> None:
+        """Raise a clear error when a port this node listens on is taken by another process."""
         for port in (self.port, self.controller_port, *([self.sasl_ssl.port] if self.sasl_ssl else [])):
             if port_in_use(port, self.host):
                 raise ServiceError(
                     f"port {port} on {self.host} is taken by another process; free it or set "
                     "RAGBUS_KAFKA_PORT / RAGBUS_KAFKA_CONTROLLER_PORT"
                 )
+
+    def start(self, *, wait: bool = True, timeout: float = 120.0) -> int:
+        if self.running:
+            if wait:
+                self.wait_ready(timeout)
+            return self.pid  # type: ignore[return-value]
+        self.check_ports()
         libs = self.prepare()
         env = dict(os.environ, KAFKA_HEAP_OPTS=f"-Xmx{self.heap}")
         with open(self.log_path, "ab") as out:
-            out.write(f"\n--- ragbus: starting broker at {time.ctime()} ---\n".encode())
+            out.write(f"\n--- ragbus: starting broker {self.node_id} at {time.ctime()} ---\n".encode())
             out.flush()
             self._proc = subprocess.Popen(
                 self._java(libs, "kafka.Kafka", str(self.config_path), heap=self.heap),
@@ -258,7 +287,7 @@ class LocalKafka:
         return self._proc.pid
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        """Block until the broker answers a metadata request with itself as a live broker."""
+        """Block until the broker answers a metadata request listing live brokers."""
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
@@ -302,32 +331,55 @@ class LocalKafka:
         self.pid_path.unlink(missing_ok=True)
 
 
-async def _probe(bootstrap: str, timeout: float) -> bool:
+async def _live_brokers(bootstrap: str, timeout: float) -> set[int]:
     from aiokafka.client import AIOKafkaClient
 
     client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
     try:
         await asyncio.wait_for(client.bootstrap(), timeout)
         metadata = await asyncio.wait_for(client.fetch_all_metadata(), timeout)
-        return bool(metadata.brokers())
+        return {b.nodeId for b in metadata.brokers()}
     finally:
         await client.close()
+
+
+def min_insync(replication: int) -> int:
+    """min.insync.replicas for a replication factor: 2 from 3 replicas on (an acks=all write
+    survives the loss of any one broker, and one broker may be down without stopping writes);
+    below 3, 1 (a second required replica would stop every write while one broker is down)."""
+    return 2 if replication >= 3 else 1
+
+
+def new_cluster_id() -> str:
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
 
 
 _probe_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka-probe")
 
 
-def _tcp_open(bootstrap: str, timeout: float) -> bool:
-    host, _, port = bootstrap.split(",")[0].rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            return True
-    except OSError:
-        return False
+def _open_addresses(bootstrap: str, timeout: float) -> list[str]:
+    """The bootstrap addresses that accept a connection (one broker of a cluster may be down while
+    the others serve; asking only these keeps the client from logging refused connections)."""
+    found = []
+    for address in bootstrap.split(","):
+        host, _, port = address.strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+                found.append(address.strip())
+        except OSError:
+            continue
+    return found
 
 
 def probe(bootstrap: str, timeout: float = 5.0) -> bool:
     """True when a broker at `bootstrap` answers metadata; callable from sync and async code."""
-    if not _tcp_open(bootstrap, timeout):
-        return False
-    return _probe_pool.submit(asyncio.run, _probe(bootstrap, timeout)).result(timeout + 5)
+    return bool(probe_brokers(bootstrap, timeout))
+
+
+def probe_brokers(bootstrap: str, timeout: float = 5.0) -> set[int]:
+    """The ids of the live brokers the cluster at `bootstrap` lists in its metadata (a KRaft
+    cluster lists only registered, unfenced brokers); empty when nothing answers."""
+    reachable = _open_addresses(bootstrap, timeout)
+    if not reachable:
+        return set()
+    return _probe_pool.submit(asyncio.run, _live_brokers(",".join(reachable), timeout)).result(timeout + 5)

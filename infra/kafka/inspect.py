@@ -1,4 +1,5 @@
-"""A read-only look at the cluster for `ragbus status`: topics, end offsets, consumer-group lag.
+"""A read-only look at the cluster for `ragbus status`: brokers, the active controller, partitions
+short of replicas, topics, end offsets, consumer-group lag.
 
 Lag is what a consumer group still has to read, not the distance between two offsets: ragbus
 writes transactionally, and every commit or abort leaves a marker that takes an offset but is never
@@ -11,13 +12,22 @@ the count is reported as a lower bound).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+from aiokafka.protocol.api import Request, RequestStruct, Response
+from aiokafka.protocol.types import CompactArray, CompactString, Int16, Int32, Int64, Schema, TaggedFields
 
 from infra.kafka.clients import make_admin, make_consumer, security_kwargs
 from infra.settings import Settings
+
+log = logging.getLogger(__name__)
 
 #: Records counted per consumer group before its lag is reported as "at least" the count.
 LAG_COUNT_LIMIT = 10_000
@@ -25,6 +35,30 @@ LAG_COUNT_LIMIT = 10_000
 LAG_COUNT_SECONDS = 5.0
 #: Bytes fetched per partition while counting (the product's consumers fetch up to 32 MiB).
 _COUNT_FETCH_BYTES = 1024 * 1024
+#: Kafka's own topics whose replication matters to ragbus: group offsets and transaction state.
+INTERNAL_TOPICS = ("__consumer_offsets", "__transaction_state")
+
+
+@dataclass
+class BrokerInfo:
+    node_id: int
+    host: str
+    port: int
+    #: Listed as a live broker in the cluster's metadata (KRaft lists only unfenced brokers).
+    up: bool = True
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass
+class PartitionReplicas:
+    topic: str
+    partition: int
+    leader: int
+    replicas: list[int]
+    isr: list[int]
 
 
 @dataclass
@@ -61,6 +95,15 @@ class ClusterView:
     brokers: int
     topics: list[TopicInfo]
     groups: list[GroupInfo]
+    #: Every broker: the live ones from the metadata, and expected ones (local nodes) that are not.
+    broker_nodes: list[BrokerInfo] = field(default_factory=list)
+    #: The active KRaft controller (the quorum's leader); None where the cluster does not say.
+    controller_id: int | None = None
+    #: Partitions (of ragbus's and Kafka's internal topics) whose in-sync replicas are fewer than
+    #: their replicas: one broker more lost and acks=all writes to them stop.
+    under_replicated: list[PartitionReplicas] = field(default_factory=list)
+    #: Partitions without a leader: nothing can be read from or written to them.
+    offline: list[PartitionReplicas] = field(default_factory=list)
 
 
 async def end_offsets(settings: Settings, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
@@ -89,11 +132,16 @@ class BacklogCounter:
     ):
         self.limit = limit
         self.seconds = seconds
-        self._started = False
-        self._consumer = make_consumer(
-            settings,
+        self._settings = settings
+        self._consumer: AIOKafkaConsumer | None = None
+
+    def _make_consumer(self) -> AIOKafkaConsumer:
+        # Built only when there is something to count: a consumer never started still warns
+        # "Unclosed AIOKafkaConsumer" when it is collected while the loop runs.
+        return make_consumer(
+            self._settings,
             group_id=None,
-            client_id=f"{settings.kafka_client_id}-inspect-lag",
+            client_id=f"{self._settings.kafka_client_id}-inspect-lag",
             fetch_max_wait_ms=100,
             max_partition_fetch_bytes=_COUNT_FETCH_BYTES,
             fetch_max_bytes=4 * _COUNT_FETCH_BYTES,
@@ -105,18 +153,18 @@ class BacklogCounter:
     async def __aexit__(self, *exc: object) -> None:
         # Started only when there was something to count: stop() right after start() raises
         # CancelledError for a consumer without a group (aiokafka 0.14), and most groups have no backlog.
-        if self._started:
+        if self._consumer is not None:
             await self._consumer.stop()
 
     async def count(self, starts: dict[TopicPartition, int]) -> tuple[dict[TopicPartition, int], set[str]]:
         """(partition → records from its start offset to its LSO, topics whose count was cut short)."""
-        consumer = self._consumer
         counts = dict.fromkeys(starts, 0)
         if not starts:
             return counts, set()
-        if not self._started:
-            await consumer.start()
-            self._started = True
+        if self._consumer is None:
+            self._consumer = self._make_consumer()
+            await self._consumer.start()
+        consumer = self._consumer
         # The consumer reads committed records only, so its end offsets are the LSOs.
         stable = await consumer.end_offsets(list(starts))
         pending = {tp for tp, start in starts.items() if start < stable[tp]}
@@ -149,14 +197,22 @@ class BacklogCounter:
         return counts, {tp.topic for tp in pending}
 
 
-async def cluster_view(settings: Settings, *, group_prefix: str | None = None) -> ClusterView:
+async def cluster_view(
+    settings: Settings, *, group_prefix: str | None = None, expected: Mapping[int, str] | None = None
+) -> ClusterView:
+    """`expected`: node id → host:port of brokers that should be there (a local cluster's nodes);
+    those the metadata does not list are shown as down."""
     prefix = settings.topic_prefix + "."
     admin = make_admin(settings)
     await admin.start()
     try:
         cluster = await admin.describe_cluster()
-        topics = sorted(t for t in await admin.list_topics() if t.startswith(prefix))
-        described = await admin.describe_topics(topics) if topics else []
+        controller = await active_controller(admin)
+        present = await admin.list_topics()
+        topics = sorted(t for t in present if t.startswith(prefix))
+        internal = [t for t in INTERNAL_TOPICS if t in present]
+        described_all = await admin.describe_topics(topics + internal) if topics or internal else []
+        described = [d for d in described_all if d["topic"] in topics]
         tps = [TopicPartition(d["topic"], p["partition"]) for d in described for p in d["partitions"]]
         offsets = await end_offsets(settings, tps)
         per_topic: dict[str, dict[int, int]] = defaultdict(dict)
@@ -186,4 +242,111 @@ async def cluster_view(settings: Settings, *, group_prefix: str | None = None) -
                 info.lag[tp.topic] += n
             info.lag_at_least = sorted(cut_short)
             groups.append(info)
-    return ClusterView(brokers=len(cluster.get("brokers", [])), topics=infos, groups=groups)
+    live = [
+        BrokerInfo(b["node_id"], b["host"], b["port"])
+        for b in sorted(cluster.get("brokers", []), key=lambda b: b["node_id"])
+    ]
+    known = {b.node_id for b in live}
+    for node_id, address in sorted((expected or {}).items()):
+        if node_id not in known:
+            host, _, port = address.rpartition(":")
+            live.append(BrokerInfo(node_id, host, int(port), up=False))
+    replicas = [_replicas(d["topic"], p) for d in described_all for p in d["partitions"]]
+    return ClusterView(
+        brokers=len(known),
+        topics=infos,
+        groups=groups,
+        broker_nodes=sorted(live, key=lambda b: b.node_id),
+        controller_id=controller,
+        under_replicated=[r for r in replicas if len(r.isr) < len(r.replicas)],
+        offline=[r for r in replicas if r.leader < 0],
+    )
+
+
+def _replicas(topic: str, partition: dict[str, Any]) -> PartitionReplicas:
+    return PartitionReplicas(
+        topic,
+        partition["partition"],
+        partition["leader"],
+        list(partition["replicas"]),
+        list(partition["isr"]),
+    )
+
+
+async def active_controller(admin: AIOKafkaAdminClient) -> int | None:
+    """The leader of the KRaft controller quorum, asked with DescribeQuorum (which brokers forward
+    to the controllers). Not the metadata's controller id: a KRaft broker answers clients with a
+    random live broker there. None where the cluster cannot say (ZooKeeper mode, or no
+    DESCRIBE permission on the cluster)."""
+    try:
+        response = await admin._send_request(DescribeQuorum())  # noqa: SLF001 - aiokafka has no DescribeQuorum
+    except (KafkaError, NotImplementedError) as e:
+        log.debug("DescribeQuorum failed: %r", e)
+        return None
+    if response.error_code != 0:
+        return None
+    for _name, partitions, _tags in response.topics:
+        for _index, code, leader_id, *_rest in partitions:
+            if code == 0 and leader_id >= 0:
+                return int(leader_id)
+    return None
+
+
+# DescribeQuorum (API key 55, KIP-595), version 0; flexible from version 0 on.
+_VOTERS = CompactArray(("replica_id", Int32), ("log_end_offset", Int64), ("tags", TaggedFields))
+
+
+class _DescribeQuorumResponseV0(Response):
+    API_KEY = 55
+    API_VERSION = 0
+    SCHEMA = Schema(
+        ("error_code", Int16),
+        (
+            "topics",
+            CompactArray(
+                ("topic_name", CompactString("utf-8")),
+                (
+                    "partitions",
+                    CompactArray(
+                        ("partition_index", Int32),
+                        ("error_code", Int16),
+                        ("leader_id", Int32),
+                        ("leader_epoch", Int32),
+                        ("high_watermark", Int64),
+                        ("current_voters", _VOTERS),
+                        ("observers", _VOTERS),
+                        ("tags", TaggedFields),
+                    ),
+                ),
+                ("tags", TaggedFields),
+            ),
+        ),
+        ("tags", TaggedFields),
+    )
+
+
+class _DescribeQuorumRequestV0(RequestStruct):
+    FLEXIBLE_VERSION = True
+    API_KEY = 55
+    API_VERSION = 0
+    RESPONSE_TYPE = _DescribeQuorumResponseV0
+    SCHEMA = Schema(
+        (
+            "topics",
+            CompactArray(
+                ("topic_name", CompactString("utf-8")),
+                ("partitions", CompactArray(("partition_index", Int32), ("tags", TaggedFields))),
+                ("tags", TaggedFields),
+            ),
+        ),
+        ("tags", TaggedFields),
+    )
+
+
+class DescribeQuorum(Request[_DescribeQuorumRequestV0]):
+    """The state of the metadata log's quorum (`__cluster_metadata`, partition 0)."""
+
+    API_KEY = 55
+
+    def build(self, request_struct_class: type[_DescribeQuorumRequestV0]) -> Any:
+        return request_struct_class([("__cluster_metadata", [(0, {})], {})], {})

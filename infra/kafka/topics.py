@@ -16,6 +16,7 @@ from aiokafka.errors import for_code
 from aiokafka.protocol.api import Request, RequestStruct, Response
 from aiokafka.protocol.types import Array, Boolean, Int8, Int16, Int32, Schema, String
 
+from infra.kafka.broker import min_insync
 from infra.kafka.clients import make_admin, make_consumer
 from infra.settings import Settings
 from schemas.topics import TOPICS
@@ -34,6 +35,17 @@ class Declared:
     under_partitioned: dict[str, tuple[int, int]] = field(default_factory=dict)
     #: Existing topics whose configs were brought up to the declared values: name → {config: value}.
     reconfigured: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: Replication factor the created topics got (existing topics keep theirs).
+    replication_factor: int = 1
+
+
+async def replication_for(settings: Settings, admin: AIOKafkaAdminClient) -> int:
+    """The replication factor for new topics: the setting, else min(3, live brokers) from the
+    cluster's metadata, so one broker stays RF 1 and a 3-broker cluster gets RF 3."""
+    if settings.kafka_replication_factor is not None:
+        return settings.kafka_replication_factor
+    cluster = await admin.describe_cluster()
+    return max(1, min(3, len(cluster.get("brokers", []))))
 
 
 async def declare_topics(settings: Settings) -> Declared:
@@ -45,6 +57,10 @@ async def declare_topics(settings: Settings) -> Declared:
     await admin.start()
     try:
         present = set(await admin.list_topics())
+        replication = result.replication_factor = await replication_for(settings, admin)
+        # With replicas to spare an acks=all write needs two of them, so no acknowledged record
+        # lives on one broker only; with fewer, the broker's default (1).
+        durability = {"min.insync.replicas": str(min_insync(replication))} if replication > 1 else {}
         wanted = []
         for spec in TOPICS:
             name = spec.name(prefix)
@@ -56,8 +72,8 @@ async def declare_topics(settings: Settings) -> Declared:
                 NewTopic(
                     name=name,
                     num_partitions=partitions,
-                    replication_factor=settings.kafka_replication_factor,
-                    topic_configs=spec.configs(),
+                    replication_factor=replication,
+                    topic_configs=spec.configs() | durability,
                 )
             )
         if wanted:
