@@ -21,10 +21,9 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
-from aiokafka.protocol.api import Request, RequestStruct, Response
-from aiokafka.protocol.types import CompactArray, CompactString, Int16, Int32, Int64, Schema, TaggedFields
 
 from infra.kafka.clients import make_admin, make_consumer, security_kwargs
+from infra.kafka.protocol import DescribeQuorum
 from infra.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -290,63 +289,3 @@ async def active_controller(admin: AIOKafkaAdminClient) -> int | None:
             if code == 0 and leader_id >= 0:
                 return int(leader_id)
     return None
-
-
-# DescribeQuorum (API key 55, KIP-595), version 0; flexible from version 0 on.
-_VOTERS = CompactArray(("replica_id", Int32), ("log_end_offset", Int64), ("tags", TaggedFields))
-
-
-class _DescribeQuorumResponseV0(Response):
-    API_KEY = 55
-    API_VERSION = 0
-    SCHEMA = Schema(
-        ("error_code", Int16),
-        (
-            "topics",
-            CompactArray(
-                ("topic_name", CompactString("utf-8")),
-                (
-                    "partitions",
-                    CompactArray(
-                        ("partition_index", Int32),
-                        ("error_code", Int16),
-                        ("leader_id", Int32),
-                        ("leader_epoch", Int32),
-                        ("high_watermark", Int64),
-                        ("current_voters", _VOTERS),
-                        ("observers", _VOTERS),
-                        ("tags", TaggedFields),
-                    ),
-                ),
-                ("tags", TaggedFields),
-            ),
-        ),
-        ("tags", TaggedFields),
-    )
-
-
-class _DescribeQuorumRequestV0(RequestStruct):
-    FLEXIBLE_VERSION = True
-    API_KEY = 55
-    API_VERSION = 0
-    RESPONSE_TYPE = _DescribeQuorumResponseV0
-    SCHEMA = Schema(
-        (
-            "topics",
-            CompactArray(
-                ("topic_name", CompactString("utf-8")),
-                ("partitions", CompactArray(("partition_index", Int32), ("tags", TaggedFields))),
-                ("tags", TaggedFields),
-            ),
-        ),
-        ("tags", TaggedFields),
-    )
-
-
-class DescribeQuorum(Request[_DescribeQuorumRequestV0]):
-    """The state of the metadata log's quorum (`__cluster_metadata`, partition 0)."""
-
-    API_KEY = 55
-
-    def build(self, request_struct_class: type[_DescribeQuorumRequestV0]) -> Any:
-        return request_struct_class([("__cluster_metadata", [(0, {})], {})], {})

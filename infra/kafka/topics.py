@@ -13,11 +13,10 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import for_code
-from aiokafka.protocol.api import Request, RequestStruct, Response
-from aiokafka.protocol.types import Array, Boolean, Int8, Int16, Int32, Schema, String
 
 from infra.kafka.broker import min_insync
 from infra.kafka.clients import make_admin, make_consumer
+from infra.kafka.protocol import IncrementalAlterConfigs
 from infra.settings import Settings
 from schemas.topics import TOPICS
 
@@ -230,63 +229,3 @@ def _differing(
         for name, cfg in wanted.items()
     }
     return {name: diff for name, diff in changes.items() if diff}
-
-
-# aiokafka 0.14 speaks only the legacy AlterConfigs, which replaces a topic's whole config set
-# (anything not sent reverts to the broker default). IncrementalAlterConfigs (API key 44, Kafka
-# 2.3+) changes just the named keys; version 0 (not flexible) is enough for SET operations.
-_SET = 0  # AlterConfigOp.OpType.SET
-
-
-class _IncrementalAlterConfigsResponseV0(Response):
-    API_KEY = 44
-    API_VERSION = 0
-    SCHEMA = Schema(
-        ("throttle_time_ms", Int32),
-        (
-            "responses",
-            Array(
-                ("error_code", Int16),
-                ("error_message", String("utf-8")),
-                ("resource_type", Int8),
-                ("resource_name", String("utf-8")),
-            ),
-        ),
-    )
-
-
-class _IncrementalAlterConfigsRequestV0(RequestStruct):
-    API_KEY = 44
-    API_VERSION = 0
-    RESPONSE_TYPE = _IncrementalAlterConfigsResponseV0
-    SCHEMA = Schema(
-        (
-            "resources",
-            Array(
-                ("resource_type", Int8),
-                ("resource_name", String("utf-8")),
-                (
-                    "configs",
-                    Array(("name", String("utf-8")), ("config_operation", Int8), ("value", String("utf-8"))),
-                ),
-            ),
-        ),
-        ("validate_only", Boolean),
-    )
-
-
-class IncrementalAlterConfigs(Request[_IncrementalAlterConfigsRequestV0]):
-    """SET `configs` (topic → {key: value}) on topics, leaving their other configs alone."""
-
-    API_KEY = 44
-
-    def __init__(self, configs: dict[str, dict[str, str]], validate_only: bool = False) -> None:
-        self._configs = configs
-        self._validate_only = validate_only
-
-    def build(self, request_struct_class: type[_IncrementalAlterConfigsRequestV0]) -> Any:
-        resources = [
-            (int(ConfigResourceType.TOPIC), topic, [(key, _SET, value) for key, value in cfg.items()])
-            for topic, cfg in self._configs.items()
-        ]
-        return request_struct_class(resources, self._validate_only)

@@ -15,7 +15,6 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 
 from infra.kafka.topics import declare_topics
 from infra.settings import Settings
@@ -23,6 +22,7 @@ from processors.embedding import Embedder, load_model
 from producers.gateway.app import create_app
 from producers.gateway.auth import ApiKeys, Principal
 from producers.gateway.embeddings import EMBEDDING_ALIAS
+from tests.helpers import serve_app
 
 KEY = "sk-embed-test"
 TEXTS = [
@@ -46,20 +46,8 @@ async def gateway(base_settings: Settings) -> AsyncIterator[Gateway]:
     keys = ApiKeys({hashlib.sha256(KEY.encode()).hexdigest(): Principal("acme", "alice")})
     # What cli/client.py hands the gateway.
     app = create_app(settings, keys, embedder=lambda: Embedder.from_settings(settings))
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    for _ in range(300):
-        if server.started or task.done():
-            break
-        await asyncio.sleep(0.1)
-    assert server.started, "the gateway did not start"
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield Gateway(f"http://127.0.0.1:{port}", settings)
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 30)
+    async with serve_app(app) as url:
+        yield Gateway(url, settings)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ or leak the exception text (for a failure inside)."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -15,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from infra.kafka.clients import make_admin
@@ -25,6 +23,7 @@ from producers.bulk.formats import field_max_length
 from producers.gateway.app import create_app
 from producers.gateway.auth import ApiKeys, Principal
 from schemas import ChatRequest
+from tests.helpers import serve_app
 
 KEY = "sk-hostile-test"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -41,20 +40,8 @@ async def gateway(base_settings: Settings) -> AsyncIterator[Gateway]:
     await declare_topics(settings)
     keys = ApiKeys({hashlib.sha256(KEY.encode()).hexdigest(): Principal("acme", "alice")})
     app = create_app(settings, keys)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    for _ in range(300):
-        if server.started or task.done():
-            break
-        await asyncio.sleep(0.1)
-    assert server.started, "the gateway did not start"
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield Gateway(app, f"http://127.0.0.1:{port}", settings)
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 30)
+    async with serve_app(app) as url:
+        yield Gateway(app, url, settings)
 
 
 def _ask(**fields: object) -> bytes:
