@@ -141,3 +141,23 @@ async def serve_app(app: Any) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 30)
+
+
+def stack_env(home: Any, *, drop: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
+    """The environment for a `ragbus up` of its own: this process's variables less RAGBUS_* (and
+    `drop`), a home of its own and free ports, so it never meets the session's services."""
+    import os
+
+    from infra.procs import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAGBUS_") and k not in drop}
+    env.update(
+        RAGBUS_HOME=str(home),
+        RAGBUS_KAFKA_PORT=str(free_port()),
+        RAGBUS_KAFKA_CONTROLLER_PORT=str(free_port()),
+        RAGBUS_PG_PORT=str(free_port()),
+        RAGBUS_KAFKA_HEAP="512m",
+        COLUMNS="200",
+    )
+    env.update(extra)
+    return env

@@ -4,7 +4,6 @@ failures are one clear line with the log to read."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -13,25 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from infra.procs import free_port
 from schemas.topics import topic_names
 from tests.conftest import CACHE
+from tests.helpers import stack_env
 
 RAGBUS = [sys.executable, "-m", "cli.main"]
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAGBUS_")}
-    env.update(
-        RAGBUS_HOME=str(home),
-        RAGBUS_KAFKA_PORT=str(free_port()),
-        RAGBUS_KAFKA_CONTROLLER_PORT=str(free_port()),
-        RAGBUS_PG_PORT=str(free_port()),
-        RAGBUS_KAFKA_HEAP="512m",
-        COLUMNS="200",
-    )
-    env.update(extra)
-    return env
+    return stack_env(home, **extra)
 
 
 def _ragbus(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:

@@ -10,7 +10,6 @@ visible to the fresh environment by a `.pth` file.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -20,9 +19,9 @@ import zipfile
 from pathlib import Path
 
 from infra.kafka.jars import ensure_jars
-from infra.procs import free_port
 from infra.settings import Settings
 from tests.conftest import CACHE
+from tests.helpers import stack_env
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ["schemas", "infra", "producers", "processors", "inference_workers", "sinks", "cli"]
@@ -109,15 +108,7 @@ def test_wheel_runs_the_stack_from_a_fresh_environment(tmp_path: Path) -> None:
     # The broker's jars, resolved once for all test sessions: this test is about packaging, not Maven.
     ensure_jars(CACHE, Settings().kafka_version)
     (home / "kafka").symlink_to(CACHE / "kafka", target_is_directory=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAGBUS_") and k != "PYTHONPATH"}
-    env.update(
-        RAGBUS_HOME=str(home),
-        RAGBUS_KAFKA_PORT=str(free_port()),
-        RAGBUS_KAFKA_CONTROLLER_PORT=str(free_port()),
-        RAGBUS_PG_PORT=str(free_port()),
-        RAGBUS_KAFKA_HEAP="512m",
-        COLUMNS="200",
-    )
+    env = stack_env(home, drop=("PYTHONPATH",))
 
     where = _run([venv / "bin" / "python", "-c", PROBE], timeout=60, cwd=work, env=env).stdout.split()
     site = venv.resolve() / "lib"
