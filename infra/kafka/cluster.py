@@ -18,7 +18,7 @@ import logging
 import time
 from pathlib import Path
 
-from infra.kafka.broker import LocalKafka, new_cluster_id, probe_brokers
+from infra.kafka.broker import LocalKafka, new_cluster_id, probe, probe_brokers
 from infra.procs import ServiceError
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,9 @@ class LocalKafkaCluster:
         self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float = 180.0) -> None:
-        """Block until every node runs and the cluster's metadata lists all of them as brokers."""
+        """Block until every node runs, the cluster's metadata lists all of them as brokers, and
+        each answers on its own client listener (a broker is listed once the controller unfences
+        it, which can be a moment before its listener accepts connections)."""
         deadline = time.monotonic() + timeout
         live: set[int] = set()
         while time.monotonic() < deadline:
@@ -156,7 +158,7 @@ class LocalKafkaCluster:
                 live = probe_brokers(self.bootstrap, timeout=5.0)
             except Exception:  # noqa: BLE001 - not answering yet is an answer here
                 live = set()
-            if live >= {n.node_id for n in self.nodes}:
+            if live >= {n.node_id for n in self.nodes} and all(_answers(n) for n in self.nodes):
                 return
             time.sleep(0.3)
         missing = sorted({n.node_id for n in self.nodes} - live)
@@ -177,3 +179,11 @@ class LocalKafkaCluster:
 
     def stop_node(self, node_id: int, timeout: float = 60.0) -> None:
         self.node(node_id).stop(timeout)
+
+
+def _answers(node: LocalKafka) -> bool:
+    """Whether `node` itself answers a metadata request on its client listener."""
+    try:
+        return probe(node.bootstrap, timeout=5.0)
+    except Exception:  # noqa: BLE001 - not answering yet is an answer here
+        return False
