@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from infra.kafka.clients import make_consumer, topic_partitions
 from infra.kafka.codec import decode_record
+from infra.procs import free_port
 from infra.settings import Settings
 from schemas import EventBase
 
@@ -67,9 +70,6 @@ async def wait_for(
 
 def env_for(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment that makes a child process build the same Settings (RAGBUS_* variables)."""
-    import json
-    import os
-
     from pydantic import SecretStr
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAGBUS_")}
@@ -146,10 +146,6 @@ async def serve_app(app: Any) -> AsyncIterator[str]:
 def stack_env(home: Any, *, drop: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
     """The environment for a `ragbus up` of its own: this process's variables less RAGBUS_* (and
     `drop`), a home of its own and free ports, so it never meets the session's services."""
-    import os
-
-    from infra.procs import free_port
-
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAGBUS_") and k not in drop}
     env.update(
         RAGBUS_HOME=str(home),
