@@ -20,6 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from schemas import limits
 from schemas.topics import DEFAULT_PREFIX, Topics, spec
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -93,6 +94,14 @@ class Settings(BaseSettings):
     )
     kafka_max_poll_interval_ms: int = Field(default=300_000, ge=1000)
     kafka_session_timeout_ms: int = Field(default=10_000, ge=1000)
+    tenant: str = Field(
+        default="default",
+        min_length=1,
+        max_length=limits.TENANT_ID_MAX,
+        pattern=limits.TENANT_ID_PATTERN,
+        description="The tenant clients (`ragbus chat`, `ragbus bulk`, `ragbus ingest`) act as: they "
+        "write to its request topics and read its reply topics, with its credentials when secured.",
+    )
 
     # --- Postgres --------------------------------------------------------------------------
     pg_dsn: SecretStr | None = Field(default=None, description="postgresql://...; unset: the local server.")

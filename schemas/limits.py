@@ -15,8 +15,9 @@ from __future__ import annotations
 #: Identifiers (characters).
 EVENT_ID_MAX = 64
 REQUEST_ID_MAX = 128
-TENANT_ID_MAX = 128
-TENANT_ID_PATTERN = r"^[A-Za-z0-9_.:@-]+$"
+#: A tenant id is part of topic and principal names (`ragbus.t.<tenant>.chat.requests`).
+TENANT_ID_MAX = 64
+TENANT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 USER_ID_MAX = 256
 CONVERSATION_ID_MAX = 128
 JOB_ID_MAX = 128

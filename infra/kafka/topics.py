@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ from infra.kafka.broker import min_insync
 from infra.kafka.clients import make_admin, make_consumer
 from infra.kafka.protocol import IncrementalAlterConfigs
 from infra.settings import Settings
-from schemas.topics import TOPICS
+from schemas.topics import SHARED_TOPICS, TENANT_TOPICS, TopicSpec, spec_for_topic
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,20 @@ async def replication_for(settings: Settings, admin: AIOKafkaAdminClient) -> int
     return max(1, min(3, len(cluster.get("brokers", []))))
 
 
-async def declare_topics(settings: Settings) -> Declared:
-    """Create every declared topic that is missing; bring the configs of the ones that exist up to
-    the declared values (configs the declaration does not name are left as they are)."""
+def declared_names(prefix: str, tenants: Iterable[str] = ()) -> dict[str, TopicSpec]:
+    """Full name → spec of the shared topics and of each tenant's own topics."""
+    names = {spec.name(prefix): spec for spec in SHARED_TOPICS}
+    for tenant in tenants:
+        names.update({spec.name(prefix, tenant): spec for spec in TENANT_TOPICS})
+    return names
+
+
+async def declare_topics(settings: Settings, tenants: Iterable[str] = ()) -> Declared:
+    """Create every declared topic that is missing (the shared ones, and each of `tenants`' own);
+    bring the configs of the ones that exist up to the declared values (configs the declaration
+    does not name are left as they are)."""
     prefix = settings.topic_prefix
+    declared = declared_names(prefix, tenants)
     result = Declared()
     admin = make_admin(settings)
     await admin.start()
@@ -61,8 +72,7 @@ async def declare_topics(settings: Settings) -> Declared:
         # lives on one broker only; with fewer, the broker's default (1).
         durability = {"min.insync.replicas": str(min_insync(replication))} if replication > 1 else {}
         wanted = []
-        for spec in TOPICS:
-            name = spec.name(prefix)
+        for name, spec in declared.items():
             partitions = settings.kafka_partitions or spec.partitions
             if name in present:
                 result.existing.append(name)
@@ -89,11 +99,10 @@ async def declare_topics(settings: Settings) -> Declared:
             described = await admin.describe_topics(result.existing)
             for entry in described:
                 name, parts = entry["topic"], len(entry["partitions"])
-                spec = next(t for t in TOPICS if t.name(prefix) == name)
-                declared = settings.kafka_partitions or spec.partitions
-                if parts < declared:
-                    result.under_partitioned[name] = (parts, declared)
-                    log.warning("topic %s has %d partitions, %d declared", name, parts, declared)
+                wanted_parts = settings.kafka_partitions or declared[name].partitions
+                if parts < wanted_parts:
+                    result.under_partitioned[name] = (parts, wanted_parts)
+                    log.warning("topic %s has %d partitions, %d declared", name, parts, wanted_parts)
             result.reconfigured = await _align_configs(admin, result.existing, prefix)
     finally:
         await admin.close()
@@ -170,7 +179,7 @@ async def _align_configs(
     """Set, on each of `topics`, every declared config whose current value differs; returns what
     was changed. Incremental (KIP-339): configs outside the declaration keep their values, so an
     operator's own overrides (say `min.insync.replicas`) survive."""
-    wanted = {name: next(t for t in TOPICS if t.name(prefix) == name).configs() for name in topics}
+    wanted = {name: _spec(name, prefix).configs() for name in topics}
     current = await _described(admin, wanted)
     changes = _differing(wanted, current)
     if not changes:
@@ -199,6 +208,13 @@ async def _align_configs(
             )
         await asyncio.sleep(0.1)
     return changes
+
+
+def _spec(name: str, prefix: str) -> TopicSpec:
+    found = spec_for_topic(name, prefix)
+    if found is None:
+        raise LookupError(f"{name} is not a declared ragbus topic under prefix {prefix!r}")
+    return found
 
 
 async def _described(
