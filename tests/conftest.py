@@ -76,6 +76,10 @@ def base_settings(kafka: KafkaService, tmp_path: Path, test_id: str) -> Settings
     )
 
 
+#: Tenants whose topics every test gets (`default` is the one clients act as unless told).
+TEST_TENANTS = ("default", "t", "acme")
+
+
 @pytest.fixture
 async def settings(base_settings: Settings, postgres: PostgresService, test_id: str) -> Settings:
     """Per-test settings with its topics declared and its own database."""
@@ -83,7 +87,7 @@ async def settings(base_settings: Settings, postgres: PostgresService, test_id: 
 
     await create_database(postgres.dsn, test_id)
     s = base_settings.model_copy(update={"pg_dsn": _secret(postgres.dsn_for(test_id))})
-    await declare_topics(s)
+    await declare_topics(s, tenants=TEST_TENANTS)
     return s
 
 
@@ -93,4 +97,4 @@ def _secret(value: str):  # type: ignore[no-untyped-def]
     return SecretStr(value)
 
 
-__all__ = ["milvus_service", "unique"]
+__all__ = ["TEST_TENANTS", "milvus_service", "unique"]
