@@ -22,7 +22,11 @@ def schema_documents() -> dict[str, str]:
     index = {
         "topics": [
             {
-                "topic": t.name(),
+                # per-tenant topics are named with a placeholder: ragbus.t.{tenant}.chat.requests
+                "topic": t.name()
+                if not t.per_tenant
+                else t.name(tenant="TENANT").replace("TENANT", "{tenant}"),
+                "per_tenant": t.per_tenant,
                 "event_type": t.event.event_type,
                 "schema": f"{t.event.event_type}.json",
                 "key": "doc_id"

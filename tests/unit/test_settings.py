@@ -24,7 +24,7 @@ def test_toml_file_is_read_below_the_environment(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("RAGBUS_CONFIG", str(cfg))
     monkeypatch.setenv("RAGBUS_RETRIEVAL_TOP_K", "9")
     s = Settings()
-    assert s.topic_prefix == "acme" and s.topics.requests("bulk") == "acme.bulk.requests"
+    assert s.topic_prefix == "acme" and s.topics.tenant("x").requests("bulk") == "acme.t.x.bulk.requests"
     assert s.retrieval_top_k == 9
     assert s.masked()["kafka_sasl_password"] == "********"
 
