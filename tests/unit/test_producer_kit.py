@@ -153,3 +153,24 @@ def test_the_reader_delivers_only_replies_read_from_its_tenants_topics_that_name
             reader._dispatch(record)  # noqa: SLF001 - the routing, without a broker
     assert mine.get_nowait() == answer and mine.empty()
     assert sum("names tenant 'evil'" in m for m in caplog.messages) == 2
+
+
+def test_a_client_stamps_its_tenant_and_keeps_each_users_conversations_apart() -> None:
+    """A client is one tenant's: every request it builds names that tenant, and its memory is
+    keyed by (user, conversation), so the same conversation id of another user starts empty."""
+    from producers.client import ChatClient
+
+    client = ChatClient(Settings(_env_file=None, tenant="acme"))  # type: ignore[call-arg]
+    assert set(client.replies.models) == {
+        client.settings.topics.tenant("acme").responses("chat"),
+        client.settings.topics.tenant("acme").tokens,
+    }
+    first = client.request("q1", user="alice", conversation_id="c")
+    assert first.tenant_id == "acme" and first.history == []
+    assert client.conversations is not None
+    client.conversations.record(("alice", "c"), "q1", "a1")
+    assert [m.content for m in client.request("q2", user="alice", conversation_id="c").history] == [
+        "q1",
+        "a1",
+    ]
+    assert client.request("q2", user="mallory", conversation_id="c").history == []
