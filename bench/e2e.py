@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from bench.components import ComponentProcess, bench_settings
 from infra.kafka.topics import declare_topics
+from infra.secrets import as_tenant
 from infra.settings import Settings
 from producers.client import ChatClient, ChatError, ChatTimeout
 from producers.ingest.client import discover, ingest_files
@@ -48,6 +49,8 @@ from tests.provision import kafka_service
 log = logging.getLogger("bench.e2e")
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("RAGBUS_TEST_CACHE", Path.home() / ".cache" / "ragbus"))
+#: The tenant the bench's clients act as (its topics are declared with the shared ones).
+TENANT = "bench"
 QUESTIONS = [
     "How many days of paid vacation do employees get per year?",
     "What is the phone extension of the IT helpdesk?",
@@ -103,7 +106,7 @@ async def ask(
 ) -> None:
     started = time.perf_counter()
     try:
-        response = await client.ask(question, tenant="bench", max_tokens=max_tokens, timeout=300)
+        response = await client.ask(question, max_tokens=max_tokens, timeout=300)
     except (ChatError, ChatTimeout) as e:
         errors.append(str(e))
         return
@@ -115,13 +118,13 @@ async def warm_up(client: ChatClient, max_tokens: int) -> None:
     deadline = time.monotonic() + 300
     while True:
         try:
-            await client.ask(QUESTIONS[0], tenant="bench", max_tokens=max_tokens, timeout=60)
+            await client.ask(QUESTIONS[0], max_tokens=max_tokens, timeout=60)
             break
         except ChatTimeout:
             if time.monotonic() > deadline:
                 raise
     for q in QUESTIONS[1:4]:
-        await client.ask(q, tenant="bench", max_tokens=max_tokens, timeout=120)
+        await client.ask(q, max_tokens=max_tokens, timeout=120)
 
 
 async def steady_load(s: Settings, args: argparse.Namespace) -> tuple[list[Sample], list[str], float]:
@@ -157,7 +160,8 @@ async def run(args: argparse.Namespace) -> None:
         work = Path(tmp)
         with kafka_service(work / "kafka", cache=CACHE, version=defaults.kafka_version) as kafka:
             s = bench_settings(kafka.bootstrap, work)
-            await declare_topics(s)
+            await declare_topics(s, tenants=[TENANT])
+            client_settings = as_tenant(s, TENANT)  # the clients act as the bench tenant
             parts = [
                 ComponentProcess(s, ["processors", "run"], work / "processors.log"),
                 ComponentProcess(s, ["worker", "run"], work / "worker.log"),
@@ -166,10 +170,10 @@ async def run(args: argparse.Namespace) -> None:
                 p.start()
             try:
                 jobs, _ = discover([ROOT / "producers" / "samples" / "docs"])
-                report = await ingest_files(s, jobs, tenant="bench", idle_timeout=300)
+                report = await ingest_files(client_settings, jobs, idle_timeout=300)
                 if len(report.indexed) != len(jobs):
                     raise SystemExit(f"ingesting the sample documents failed; see {work}/processors.log")
-                samples, errors, elapsed = await steady_load(s, args)
+                samples, errors, elapsed = await steady_load(client_settings, args)
                 if not all(p.alive() for p in parts):
                     raise SystemExit("a component died during the run")
             finally:

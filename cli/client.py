@@ -10,7 +10,15 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cli.common import console, err_console, friendly_errors, print_json, settings
+from cli.common import (
+    TENANT_HELP,
+    console,
+    err_console,
+    friendly_errors,
+    print_json,
+    settings,
+    tenant_settings,
+)
 
 bulk_app = typer.Typer(
     help="Bulk document Q&A jobs (OpenAI Batch format, or plain questions).", no_args_is_help=True
@@ -20,7 +28,9 @@ bulk_app = typer.Typer(
 @friendly_errors
 def ask(
     question: str = typer.Argument(..., help="The question."),
-    tenant: str = typer.Option(..., "--tenant", "-t", help="Whose documents to answer from."),
+    tenant: str = typer.Option(
+        None, "--tenant", "-t", help=TENANT_HELP + " Answers come from its documents."
+    ),
     user: str = typer.Option("cli", "--user", "-u"),
     model: str = typer.Option(None, "--model", help="A served model name (default: the route table)."),
     max_tokens: int = typer.Option(None, "--max-tokens"),
@@ -28,23 +38,24 @@ def ask(
     stream: bool = typer.Option(False, "--stream", help="Print tokens as they are generated."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole ChatResponse as JSON."),
 ) -> None:
-    """Ask one question over the bus; print the answer, its numbered sources and stage timings."""
+    """Ask one question over the bus as a tenant; print the answer, its numbered sources and stage
+    timings."""
     from producers.client import ChatClient, ChatError, ChatTimeout
 
-    s = settings()
+    s = tenant_settings(tenant)
 
     async def run():  # type: ignore[no-untyped-def]
         async with ChatClient(s) as client:
             kw = {"user": user, "model": model, "max_tokens": max_tokens, "timeout": timeout}
             if stream:
-                chat = client.stream(question, tenant=tenant, **kw)
+                chat = client.stream(question, **kw)
                 async for text in chat:
                     if not as_json:
                         console.print(text, end="", highlight=False, markup=False)
                 if not as_json:
                     console.print()
                 return chat.response
-            return await client.ask(question, tenant=tenant, **kw)
+            return await client.ask(question, **kw)
 
     try:
         response = asyncio.run(run())
@@ -83,22 +94,25 @@ def ask(
 def bulk_submit(
     file: Path = typer.Argument(..., exists=True, dir_okay=False, help="OpenAI Batch JSONL, text or CSV."),
     out: Path = typer.Option(..., "--out", "-o", help="Output: OpenAI Batch output JSONL, appended to."),
-    tenant: str = typer.Option(..., "--tenant", "-t"),
+    tenant: str = typer.Option(None, "--tenant", "-t", help=TENANT_HELP + " Jobs are kept per tenant."),
     user: str = typer.Option("bulk", "--user", "-u"),
-    job: str = typer.Option(None, "--job", help="Job id; the same id resumes and skips answered ids."),
+    job: str = typer.Option(
+        None, "--job", help="Job id; the same id (under the same tenant) resumes and skips answered ids."
+    ),
     fmt: str = typer.Option("auto", "--format", help="auto | openai | text | csv"),
     column: str = typer.Option(None, "--column", help="CSV column holding the question."),
     id_column: str = typer.Option(None, "--id-column", help="CSV column used as custom_id."),
     window: int = typer.Option(256, "--window", min=1, help="Requests in flight at most."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Submit (or resume) a bulk job and write its answers as they arrive."""
+    """Submit (or resume) a bulk job of a tenant and write its answers as they arrive."""
     from producers.bulk.formats import count_items, detect_format
     from producers.bulk.runner import BulkRunner
     from producers.bulk.state import JobState, JobStore
 
-    s = settings()
-    store = JobStore(s.home)
+    s = tenant_settings(tenant)
+    tenant = s.tenant
+    store = JobStore(s.home, tenant)
     job_id = job or f"job-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     state = store.load(job_id)
     if state is None:
@@ -133,18 +147,29 @@ def bulk_submit(
         raise typer.Exit(1)
 
 
+def _job_store(tenant: str | None):  # type: ignore[no-untyped-def]
+    from producers.bulk.state import JobStore
+
+    s = settings()
+    try:
+        return JobStore(s.home, tenant or s.tenant)
+    except ValueError as e:
+        err_console.print(f"[red]error:[/red] --tenant: {e}")
+        raise typer.Exit(2) from None
+
+
 @bulk_app.command("status")
 def bulk_status(
-    job: str = typer.Argument(None, help="Job id (default: list every job)."),
+    job: str = typer.Argument(None, help="Job id (default: list every job of the tenant)."),
+    tenant: str = typer.Option(None, "--tenant", "-t", help="Whose jobs (default: RAGBUS_TENANT)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Progress of a job (or of all jobs)."""
+    """Progress of a tenant's job (or of all its jobs)."""
     from dataclasses import asdict
 
     from producers.bulk.formats import answered_ids
-    from producers.bulk.state import JobStore
 
-    store = JobStore(settings().home)
+    store = _job_store(tenant)
     states = [store.load(job)] if job else store.list()
     if job and states[0] is None:
         err_console.print(f"[red]error:[/red] no job {job}")
@@ -157,7 +182,7 @@ def bulk_status(
     if as_json:
         print_json([asdict(r) for r in rows])
         return
-    table = Table(title="bulk jobs")
+    table = Table(title=f"bulk jobs of tenant {store.tenant}")
     for col in ("job", "status", "answered", "total", "errors", "output"):
         table.add_column(col)
     for r in rows:
@@ -166,11 +191,12 @@ def bulk_status(
 
 
 @bulk_app.command("cancel")
-def bulk_cancel(job: str = typer.Argument(..., help="Job id.")) -> None:
-    """Stop a running job from sending more questions (answers so far stay in its output)."""
-    from producers.bulk.state import JobStore
-
-    store = JobStore(settings().home)
+def bulk_cancel(
+    job: str = typer.Argument(..., help="Job id."),
+    tenant: str = typer.Option(None, "--tenant", "-t", help="Whose job (default: RAGBUS_TENANT)."),
+) -> None:
+    """Stop a tenant's running job from sending more questions (answers so far stay in its output)."""
+    store = _job_store(tenant)
     state = store.load(job)
     if state is None:
         err_console.print(f"[red]error:[/red] no job {job}")

@@ -32,6 +32,26 @@ def settings() -> Settings:
     return s
 
 
+#: The help of every `--tenant` option that makes a command act as a tenant.
+TENANT_HELP = (
+    "The tenant to act as: the command writes to that tenant's request topics and reads only its "
+    "reply topics, with its credentials when `ragbus tenants add` stored them on this machine "
+    "(otherwise the configured ones). Default: RAGBUS_TENANT ('default')."
+)
+
+
+def tenant_settings(tenant: str | None) -> Settings:
+    """Settings acting as `tenant` (default: the `tenant` setting), with its stored credentials."""
+    from infra.secrets import as_tenant
+
+    s = settings()
+    try:
+        return as_tenant(s, tenant or s.tenant)
+    except ValueError as e:
+        err_console.print(f"[red]error:[/red] --tenant: {e}")
+        raise typer.Exit(2) from None
+
+
 def friendly_errors(fn: F) -> F:
     """Turn expected failures into one red line (with the log path) and exit code 1."""
 

@@ -8,6 +8,7 @@ exactly what those commands print.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -21,8 +22,9 @@ from rich.table import Table
 
 import producers
 from cli.background import backgrounds
-from cli.common import console, err_console, friendly_errors, settings
+from cli.common import console, err_console, friendly_errors, settings, tenant_settings
 from cli.components import stop_all
+from infra.kafka.topics import declare_topics
 from infra.stack import Stack
 
 #: The sample documents and questions, packaged with `producers` (found the same from a checkout
@@ -62,7 +64,13 @@ def _answers_table(out: Path, questions: Path) -> Table:
 
 @friendly_errors
 def demo(
-    tenant: str = typer.Option("demo", "--tenant", "-t", help="The tenant the samples are indexed for."),
+    tenant: str = typer.Option(
+        "demo",
+        "--tenant",
+        "-t",
+        help="The tenant the samples are indexed for and the questions asked as (its topics are "
+        "declared if missing; its stored credentials are used when `ragbus tenants add` made them).",
+    ),
     docs: Path = typer.Option(SAMPLES / "docs", "--docs", exists=True, help="Documents to index."),
     questions: Path = typer.Option(
         SAMPLES / "questions.jsonl", "--questions", exists=True, dir_okay=False, help="Bulk job input."
@@ -72,13 +80,20 @@ def demo(
         False, "--stop-after", help="Stop the components and the local stack at the end."
     ),
 ) -> None:
-    """Start everything, index the sample documents, run a bulk job and a chat question."""
+    """Start everything, index the sample documents, run a bulk job and a chat question, all as
+    one tenant."""
     s = settings()
+    tenant = tenant_settings(tenant).tenant  # a valid name; each step acts as it (`--tenant`)
     started = time.monotonic()
     console.print(Rule("1. the local stack: Kafka (KRaft), Postgres, Milvus Lite"))
     _ragbus("up")
     console.print(Rule("2. the components: audit sink, inference worker, processors"))
     _ragbus("start", "sink", "worker", "processors")
+    # `ragbus up` declares the shared topics; the tenant's own ones are declared here (idempotent),
+    # with the components' credentials, as `ragbus tenants add` would.
+    declared = asyncio.run(declare_topics(s, tenants=[tenant]))
+    if declared.created:
+        console.print(f"declared {len(declared.created)} topics of tenant {tenant!r}", highlight=False)
     try:
         console.print(Rule(f"3. index the sample documents for tenant {tenant!r}"))
         # The first run waits for the processors to load the embedding model.
@@ -101,7 +116,7 @@ def demo(
         + (
             "Everything was stopped."
             if stop_after
-            else 'The stack and components keep running: try `ragbus ask "..." --tenant demo`, '
+            else f'The stack and components keep running: try `ragbus ask "..." --tenant {tenant}`, '
             "`ragbus status`; `ragbus stop` then `ragbus down` stop them."
         ),
         highlight=False,

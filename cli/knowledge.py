@@ -9,7 +9,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cli.common import console, err_console, friendly_errors, print_json, settings
+from cli.common import (
+    TENANT_HELP,
+    console,
+    err_console,
+    friendly_errors,
+    print_json,
+    settings,
+    tenant_settings,
+)
+from infra.settings import Settings
 
 processors_app = typer.Typer(
     help="Ingestion and retrieval processors (one process: Milvus Lite allows one per data file).",
@@ -50,7 +59,9 @@ def ingest(
     paths: list[Path] = typer.Argument(
         None, help="Files and folders (folders recursively: .txt .md .html .pdf ...); with --delete, doc ids."
     ),
-    tenant: str = typer.Option(..., "--tenant", "-t", help="Whose knowledge base the documents join."),
+    tenant: str = typer.Option(
+        None, "--tenant", "-t", help=TENANT_HELP + " The documents join (or leave) its knowledge base."
+    ),
     user: str = typer.Option("cli", "--user", "-u"),
     doc_prefix: str = typer.Option("", "--doc-prefix", help="Prepended to every document id."),
     delete: bool = typer.Option(False, "--delete", help="Delete the documents whose ids are given."),
@@ -64,12 +75,13 @@ def ingest(
     A document's id is its path inside the folder given (or its file name), so ingesting the
     same files again replaces them. Needs the processors running (`ragbus processors run`).
     """
-    s = settings()
+    s = tenant_settings(tenant)
+    tenant = s.tenant
     if not paths:
         err_console.print("[red]error:[/red] give at least one file or folder (or doc ids with --delete)")
         raise typer.Exit(2)
     if delete:
-        _delete(s, [str(p) for p in paths], tenant, user, timeout, as_json)
+        _delete(s, [str(p) for p in paths], user, timeout, as_json)
         return
     from tqdm import tqdm
 
@@ -89,9 +101,7 @@ def ingest(
             bar.write(f"error: {outcome.job.path}: {outcome.error}")
 
     try:
-        report = asyncio.run(
-            ingest_files(s, jobs, tenant=tenant, user=user, idle_timeout=timeout, on_event=on_event)
-        )
+        report = asyncio.run(ingest_files(s, jobs, user=user, idle_timeout=timeout, on_event=on_event))
     finally:
         bar.close()
     report.skipped = skipped
@@ -141,10 +151,10 @@ def ingest(
         raise typer.Exit(1)
 
 
-def _delete(s: object, doc_ids: list[str], tenant: str, user: str, timeout: float, as_json: bool) -> None:
+def _delete(s: Settings, doc_ids: list[str], user: str, timeout: float, as_json: bool) -> None:
     from producers.ingest.client import delete_documents
 
-    results = asyncio.run(delete_documents(s, doc_ids, tenant=tenant, user=user, idle_timeout=timeout))  # type: ignore[arg-type]
+    results = asyncio.run(delete_documents(s, doc_ids, user=user, idle_timeout=timeout))
     rows = [
         {
             "doc_id": d,

@@ -9,7 +9,7 @@ from dataclasses import asdict
 import typer
 from rich.table import Table
 
-from cli.common import console, friendly_errors, print_json, settings
+from cli.common import console, friendly_errors, print_json, settings, tenant_settings
 from cli.components import component_states, components_table
 from infra.kafka.inspect import ClusterView, cluster_view
 from infra.stack import Stack
@@ -146,11 +146,21 @@ def _brokers_table(view: ClusterView) -> None:
 
 
 @friendly_errors
-def smoke() -> None:
-    """Produce one event to every declared topic and read it back (needs `ragbus up`)."""
+def smoke(
+    tenant: str = typer.Option(
+        None,
+        "--tenant",
+        "-t",
+        help="Whose topics to check besides the shared ones (default: RAGBUS_TENANT). Runs with the "
+        "components' credentials: it writes replies and reads requests, which no tenant may.",
+    ),
+) -> None:
+    """Produce one event to every declared topic (the shared ones and a tenant's) and read it back
+    (needs `ragbus up` and the tenant's topics)."""
     from infra.smoke import run
 
     s = settings()
+    s = s.model_copy(update={"tenant": tenant_settings(tenant).tenant})
     results = run(s)
     table = Table(title="round trip through every declared topic")
     for col in ("topic", "result", "ms"):

@@ -8,6 +8,12 @@ recorded), with the positions resolved before `start()` returns, so nothing sent
 missed. Each reply goes to the callback registered for its request_id; replies nobody waits for
 (late, or another producer's) are dropped, and a record that does not decode is logged and
 skipped — bytes on the bus are untrusted and never stop the reader.
+
+A reader serves one tenant: its topics are that tenant's reply topics (the broker lets the
+tenant's principal read those and nothing else), and a reply is delivered only when it was read
+from one of them, answers a request id registered here, and names the topic's tenant — so a
+response forged onto another tenant's topic, or one claiming another tenant, never reaches a
+caller even when it carries a request id the caller sent.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from infra.kafka.clients import make_consumer, topic_partitions
 from infra.kafka.codec import DecodeError, decode_record
 from infra.settings import Settings
 from schemas import EventBase
-from schemas.topics import max_event_bytes
+from schemas.topics import max_event_bytes, tenant_of
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,8 @@ class ReplyReader(Generic[E]):
         #: Where reading started on each partition (known once `start()` returns).
         self.positions: dict[TopicPartition, int] = {}
         self._max_bytes = {t: _max_bytes(settings, t) for t in self.models}
+        #: The tenant owning each topic (None for a topic outside the tenant layout).
+        self._tenant = {t: tenant_of(t, settings.topic_prefix) for t in self.models}
         # Events without a doc_id are keyed by request_id (infra.kafka.codec.event_key), so a
         # record on those topics whose key nobody waits for is skipped without being parsed.
         self._keyed_by_request = {t: "doc_id" not in m.model_fields for t, m in self.models.items()}
@@ -135,6 +143,8 @@ class ReplyReader(Generic[E]):
 
     def _dispatch(self, record: Any) -> None:
         topic = record.topic
+        if topic not in self.models:
+            return  # never assigned here: nothing read elsewhere is a reply to us
         key = record.key
         if (
             self._keyed_by_request[topic]
@@ -149,6 +159,20 @@ class ReplyReader(Generic[E]):
             return
         waiter = self._waiters.get(event.request_id)
         if waiter is None:
+            return
+        owner = self._tenant[topic]
+        if owner is not None and event.tenant_id != owner:
+            # Only components write reply topics and they answer on the request's tenant's topic;
+            # a reply naming another tenant is a forgery or a bug, never an answer to our request.
+            log.warning(
+                "reply to %s at %s/%d@%d names tenant %r, not the topic's %r: dropped",
+                event.request_id,
+                topic,
+                record.partition,
+                record.offset,
+                event.tenant_id[:80],
+                owner,
+            )
             return
         deliver, once = waiter
         if once:

@@ -3,9 +3,13 @@ lane, and writes each answer as it arrives (completion order), one line per cust
 
 Resumable: answers already in the output file are skipped; requests that were sent before an
 interruption are not sent again — their answers are read from the responses topic, starting at
-the offsets recorded when the job first started. Request ids are derived from (job, custom_id),
-so even a request sent twice is the same request to the pipeline, and the output keeps one line
-per custom_id.
+the offsets recorded when the job first started. Request ids are derived from (tenant, job,
+custom_id), so even a request sent twice is the same request to the pipeline, the output keeps one
+line per custom_id, and two tenants choosing the same job and custom ids never share a request id
+(nor an answer, nor a response-cache entry keyed by it).
+
+A job acts as its tenant (`settings.tenant`, which must be the job's): it writes to that tenant's
+bulk requests topic and reads that tenant's bulk responses topic only.
 """
 
 from __future__ import annotations
@@ -42,8 +46,10 @@ log = logging.getLogger(__name__)
 _NS = uuid.UUID("5d1f6c2e-8a57-4c1e-9a53-6f0c1f9b2a10")
 
 
-def request_id_for(job_id: str, custom_id: str) -> str:
-    return str(uuid.uuid5(_NS, f"{job_id}\x00{custom_id}"))
+def request_id_for(tenant: str, job_id: str, custom_id: str) -> str:
+    """The request id of one item of a job: stable across resumes, distinct across tenants, jobs
+    and custom ids (NUL cannot occur in a tenant or job name, so the fields cannot run together)."""
+    return str(uuid.uuid5(_NS, f"{tenant}\x00{job_id}\x00{custom_id}"))
 
 
 class BulkRunner:
@@ -58,6 +64,11 @@ class BulkRunner:
         column: str | None = None,
         id_column: str | None = None,
     ) -> None:
+        if state.tenant_id != settings.tenant:
+            raise ValueError(
+                f"job {state.job_id} belongs to tenant {state.tenant_id!r}; run it as that tenant "
+                f"(settings act as {settings.tenant!r})"
+            )
         self.settings = settings
         self.state = state
         self.store = store
@@ -65,8 +76,10 @@ class BulkRunner:
         self.progress = progress
         self.column = column
         self.id_column = id_column
-        self.topic = settings.topics.responses("bulk")
-        self._max_bytes = max_event_bytes(settings.topics.requests("bulk"), settings.topic_prefix)
+        topics = settings.topics.tenant(state.tenant_id)
+        self.topic = topics.responses("bulk")
+        self.requests_topic = topics.requests("bulk")
+        self._max_bytes = max_event_bytes(self.requests_topic, settings.topic_prefix)
         self._inflight: set[str] = set()
         self._done: set[str] = set()
         self._replies: ReplyReader[ChatResponse] = ReplyReader(
@@ -143,7 +156,7 @@ class BulkRunner:
             self.state.start_offsets = {str(tp.partition): off for tp, off in self._replies.positions.items()}
 
     def _expect(self, custom_id: str) -> None:
-        request_id = request_id_for(self.state.job_id, custom_id)
+        request_id = request_id_for(self.state.tenant_id, self.state.job_id, custom_id)
         self._replies.expect(request_id, lambda r: self._answered(custom_id, r), once=True)
 
     def _answered(self, custom_id: str, response: ChatResponse) -> None:
@@ -179,9 +192,7 @@ class BulkRunner:
                 await self._slots.wait_for(lambda: len(self._inflight) < self.window)
             self._inflight.add(cid)
             self._expect(cid)
-            fut = await producer.send(
-                self.settings.topics.requests("bulk"), enc.value, key=enc.key, headers=enc.headers
-            )
+            fut = await producer.send(self.requests_topic, enc.value, key=enc.key, headers=enc.headers)
             fut.add_done_callback(lambda f, cid=cid: f.exception() is None and sent_log.write(cid + "\n"))
             pending.append(fut)
             if len(pending) >= 256:
@@ -197,7 +208,7 @@ class BulkRunner:
         (a field too long, bad sampling values) or it is larger than the requests topic accepts."""
         request = build_request(
             item,
-            request_id=request_id_for(self.state.job_id, item.custom_id),
+            request_id=request_id_for(self.state.tenant_id, self.state.job_id, item.custom_id),
             tenant_id=self.state.tenant_id,
             user_id=self.state.user_id,
             job_id=self.state.job_id,

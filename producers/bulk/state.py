@@ -1,5 +1,8 @@
-"""A bulk job's durable state under `<home>/jobs/`: what it reads and writes, where its answers
-start on the responses topic, which ids were sent, and whether it was cancelled."""
+"""A bulk job's durable state under `<home>/jobs/<tenant>/`: what it reads and writes, where its
+answers start on the tenant's responses topic, which ids were sent, and whether it was cancelled.
+
+Jobs are kept per tenant: the same `--job` under two tenants is two jobs, and one never resumes
+(nor cancels, nor reads the sent ids of) the other's."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from schemas.topics import check_tenant
 
 Status = Literal["running", "interrupted", "completed", "cancelled", "failed"]
 
@@ -33,8 +38,11 @@ class JobState:
 
 
 class JobStore:
-    def __init__(self, home: Path) -> None:
-        self.dir = home / "jobs"
+    """One tenant's jobs (raises ValueError for an invalid tenant name)."""
+
+    def __init__(self, home: Path, tenant: str) -> None:
+        self.tenant = check_tenant(tenant)
+        self.dir = home / "jobs" / tenant
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def _path(self, job_id: str, suffix: str) -> Path:
@@ -46,9 +54,15 @@ class JobStore:
         path = self._path(job_id, ".json")
         if not path.exists():
             return None
-        return JobState(**json.loads(path.read_text()))
+        return self._checked(JobState(**json.loads(path.read_text())))
+
+    def _checked(self, state: JobState) -> JobState:
+        if state.tenant_id != self.tenant:
+            raise ValueError(f"job {state.job_id} in {self.dir} belongs to tenant {state.tenant_id!r}")
+        return state
 
     def save(self, state: JobState) -> None:
+        self._checked(state)
         state.updated_at = time.time()
         path = self._path(state.job_id, ".json")
         tmp = path.with_suffix(".json.tmp")
@@ -57,7 +71,7 @@ class JobStore:
 
     def list(self) -> list[JobState]:
         return sorted(
-            (JobState(**json.loads(p.read_text())) for p in self.dir.glob("*.json")),
+            (self._checked(JobState(**json.loads(p.read_text()))) for p in self.dir.glob("*.json")),
             key=lambda s: s.created_at,
         )
 

@@ -1,4 +1,9 @@
-"""The chat client: produce a ChatRequest, await its ChatResponse (and TokenChunks) by request_id."""
+"""The chat client: produce a ChatRequest, await its ChatResponse (and TokenChunks) by request_id.
+
+A client acts as one tenant, `settings.tenant` (`infra.secrets.as_tenant` gives settings acting as
+another, with its credentials): it writes to that tenant's request topics, stamps that tenant on
+every request, and reads only that tenant's reply topics, so it never sees another tenant's
+answers, whatever request ids they carry."""
 
 from __future__ import annotations
 
@@ -30,12 +35,12 @@ class ChatClient:
         self, settings: Settings, *, lanes: Sequence[Lane] = ("chat",), remember: bool = True
     ) -> None:
         self.settings = settings
+        self.tenant = settings.tenant
+        self.topics = settings.topics.tenant(self.tenant)
         self.lanes = tuple(lanes)
-        models: dict[str, type[Reply]] = {
-            settings.topics.responses(lane): ChatResponse for lane in self.lanes
-        }
+        models: dict[str, type[Reply]] = {self.topics.responses(lane): ChatResponse for lane in self.lanes}
         if "chat" in self.lanes:
-            models[settings.topics.tokens] = TokenChunk
+            models[self.topics.tokens] = TokenChunk
         self._replies: ReplyReader[Reply] = ReplyReader(settings, models, client_id="ragbus-client")
         self._producer: AIOKafkaProducer | None = None
         self.conversations = Conversations() if remember else None
@@ -63,7 +68,6 @@ class ChatClient:
         self,
         question: str,
         *,
-        tenant: str,
         user: str = "anonymous",
         conversation_id: str | None = None,
         history: list[ChatMessage] | None = None,
@@ -72,14 +76,15 @@ class ChatClient:
         temperature: float | None = None,
         **fields: Any,
     ) -> ChatRequest:
-        """A validated request (raises pydantic's ValidationError); the conversation's earlier
-        turns are its history unless `history` is given. `fields` go to `build_chat_request`
-        as they are (lane, stream, model, top_k, system_prompt, client_ip, metadata)."""
+        """A validated request of this client's tenant (raises pydantic's ValidationError); the
+        conversation's earlier turns are its history unless `history` is given. `fields` go to
+        `build_chat_request` as they are (lane, stream, model, top_k, system_prompt, client_ip,
+        metadata)."""
         if history is None and self.conversations is not None:
-            history = self.conversations.history(conversation_id)
+            history = self.conversations.history(_conversation(user, conversation_id))
         return build_chat_request(
             question,
-            tenant_id=tenant,
+            tenant_id=self.tenant,
             user_id=user,
             conversation_id=conversation_id,
             history=history or [],
@@ -90,8 +95,17 @@ class ChatClient:
 
     # --- asking --------------------------------------------------------------------------
     async def send(self, request: ChatRequest) -> None:
-        """Publish `request` (the caller registers for its reply first, see `ask`)."""
+        """Publish `request` on this client's tenant's requests topic (the caller registers for its
+        reply first, see `ask`). Raises ValueError for a request of another tenant: its answer
+        would go to a topic this client does not read (and its principal may not write)."""
         assert self._producer is not None, "use `async with ChatClient(...)`"
+        if request.tenant_id != self.tenant:
+            raise ValueError(
+                f"request {request.request_id} is for tenant {request.tenant_id!r} but this client acts "
+                f"as {self.tenant!r}: use a client of that tenant (infra.secrets.as_tenant)"
+            )
+        if request.lane not in self.lanes:
+            raise ValueError(f"this client reads the replies of lanes {self.lanes}, not {request.lane!r}")
         with tracer("ragbus.client").start_as_current_span(
             "ragbus.request",
             kind=trace.SpanKind.PRODUCER,
@@ -99,7 +113,7 @@ class ChatClient:
         ):
             enc = encode(request)
             await self._producer.send_and_wait(
-                self.settings.topics.requests(request.lane), enc.value, key=enc.key, headers=enc.headers
+                self.topics.requests(request.lane), enc.value, key=enc.key, headers=enc.headers
             )
 
     async def ask_request(self, request: ChatRequest, *, timeout: float | None = 60.0) -> ChatResponse:
@@ -113,21 +127,19 @@ class ChatClient:
         if response.error is not None:
             raise ChatError(response)
         if self.conversations is not None:
-            self.conversations.record(request.conversation_id, request.question, response.answer)
+            self.conversations.record(
+                _conversation(request.user_id, request.conversation_id), request.question, response.answer
+            )
         return response
 
-    async def ask(
-        self, question: str, *, tenant: str, timeout: float | None = 60.0, **kw: Any
-    ) -> ChatResponse:
+    async def ask(self, question: str, *, timeout: float | None = 60.0, **kw: Any) -> ChatResponse:
         """Ask one question and return the answer with its citations, usage and stage timings."""
-        return await self.ask_request(
-            self.request(question, tenant=tenant, timeout=timeout, **kw), timeout=timeout
-        )
+        return await self.ask_request(self.request(question, timeout=timeout, **kw), timeout=timeout)
 
-    def stream(self, question: str, *, tenant: str, timeout: float | None = 60.0, **kw: Any) -> ChatStream:
+    def stream(self, question: str, *, timeout: float | None = 60.0, **kw: Any) -> ChatStream:
         """`async for text in client.stream(...)`: answer tokens as they are generated;
         `.response` holds the final ChatResponse afterwards."""
-        request = self.request(question, tenant=tenant, timeout=timeout, stream=True, **kw)
+        request = self.request(question, timeout=timeout, stream=True, **kw)
         return ChatStream(self, request, timeout)
 
     def stream_request(self, request: ChatRequest, *, timeout: float | None = 60.0) -> ChatStream:
@@ -153,6 +165,11 @@ class ChatClient:
     @property
     def replies(self) -> ReplyReader[Reply]:
         return self._replies
+
+
+def _conversation(user: str, conversation_id: str | None) -> tuple[str, str] | None:
+    """The memory key of a conversation: per user (the client is one tenant's)."""
+    return None if conversation_id is None else (user, conversation_id)
 
 
 class ChatStream:
@@ -192,7 +209,8 @@ class ChatStream:
                     yield event.answer  # served without token events (e.g. from the response cache)
                 conv = self.client.conversations
                 if conv is not None:
-                    conv.record(request.conversation_id, request.question, event.answer)
+                    key = _conversation(request.user_id, request.conversation_id)
+                    conv.record(key, request.question, event.answer)
                 return
         finally:
             self.client.replies.unregister(request.request_id)

@@ -20,7 +20,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from infra.settings import Settings
 from infra.telemetry import setup_telemetry, tracer
-from producers.client import ChatClient
 from producers.gateway import errors, metrics
 from producers.gateway.auth import ApiKeys, Principal
 from producers.gateway.embeddings import (
@@ -35,6 +34,7 @@ from producers.gateway.errors import openai_error
 from producers.gateway.forwarded import client_address
 from producers.gateway.limits import BodySizeLimit
 from producers.gateway.serving import OpenAIServing
+from producers.gateway.tenants import TenantClients
 from producers.openai.convert import InvalidInput, parse_body
 from producers.openai.protocol import (
     ChatCompletion,
@@ -98,15 +98,15 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = ChatClient(settings, remember=False)
-        await client.start()
+        # One bus client per tenant, started on the tenant's first request, as its principal.
+        clients = TenantClients(settings)
         state["serving"] = app.state.serving = OpenAIServing(
-            client, timeout=settings.gateway_timeout_s, models=served_models or list
+            clients, timeout=settings.gateway_timeout_s, models=served_models or list
         )
         try:
             yield
         finally:
-            await client.stop()
+            await clients.stop()
             if embeddings is not None:
                 embeddings.close()
 
@@ -114,7 +114,10 @@ def create_app(
     errors.install(app)
     # Outermost: the cap holds before routing, parsing or the API key check.
     app.add_middleware(BodySizeLimit, max_bytes=settings.gateway_max_body_bytes)
-    event_limit = max_event_bytes(settings.topics.requests("chat"), settings.topic_prefix)
+    # Every tenant's chat requests topic has the same spec (any tenant name gives its limit).
+    event_limit = max_event_bytes(
+        settings.topics.tenant(settings.tenant).requests("chat"), settings.topic_prefix
+    )
 
     def principal(request: Request) -> Principal | None:
         auth = request.headers.get("authorization", "")
@@ -262,14 +265,14 @@ def create_app(
     @app.get(
         "/healthz",
         responses={
-            200: {"description": "Serving: the gateway reads replies from the bus"},
-            503: {"description": "Starting: not reading replies yet"},
+            200: {"description": "Serving: every tenant client started so far reads replies from the bus"},
+            503: {"description": "Starting, or a tenant client stopped reading replies"},
             **_errors(*_ALWAYS),
         },
     )
     async def healthz() -> Response:
         serving = state.get("serving")
-        ok = serving is not None and serving.client.replies.alive
+        ok = serving is not None and serving.clients.alive
         return JSONResponse({"status": "ok" if ok else "starting"}, status_code=200 if ok else 503)
 
     @app.get(

@@ -1,4 +1,5 @@
-"""API keys → (tenant, user), from a TOML or JSON file:
+"""API keys → (tenant, user), from a TOML or JSON file. The tenant decides which tenant's topics
+(and principal) the gateway uses for the key's requests:
 
 ```toml
 [[keys]]
@@ -16,6 +17,8 @@ import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+from schemas.topics import check_tenant
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,11 @@ class ApiKeys:
             )
             if not digest or "tenant" not in item:
                 raise ValueError(f"{path}: keys[{i}] needs `key` (or `sha256`) and `tenant`")
-            entries[digest.lower()] = Principal(item["tenant"], item.get("user", item["tenant"]))
+            try:
+                tenant = check_tenant(str(item["tenant"]))
+            except ValueError as e:
+                raise ValueError(f"{path}: keys[{i}]: {e}") from None
+            entries[digest.lower()] = Principal(tenant, item.get("user", tenant))
         return cls(entries)
 
     def __len__(self) -> int:

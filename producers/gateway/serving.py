@@ -1,4 +1,7 @@
-"""Serving side of /v1/chat/completions: OpenAI request → ChatRequest over the bus → OpenAI answer."""
+"""Serving side of /v1/chat/completions: OpenAI request → ChatRequest over the bus → OpenAI answer.
+
+Each request goes through the bus client of its API key's tenant (producers/gateway/tenants.py),
+so its answer is read from that tenant's reply topics and no other."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from producers.gateway.errors import (
     pipeline_error,
     pipeline_error_response,
 )
+from producers.gateway.tenants import TenantClients, TenantUnavailable
 from producers.openai.convert import to_chat_request
 from producers.openai.protocol import (
     ChatCompletion,
@@ -39,8 +43,8 @@ log = logging.getLogger(__name__)
 
 
 class OpenAIServing:
-    def __init__(self, client: ChatClient, *, timeout: float, models: Callable[[], list[str]]) -> None:
-        self.client = client
+    def __init__(self, clients: TenantClients, *, timeout: float, models: Callable[[], list[str]]) -> None:
+        self.clients = clients
         self.timeout = timeout
         self.models = models
 
@@ -53,18 +57,36 @@ class OpenAIServing:
             body, tenant_id=who.tenant_id, user_id=who.user_id, timeout=self.timeout, client_ip=client_ip
         )
 
+    async def _client(self, request: ChatRequest) -> ChatClient | JSONResponse:
+        """The bus client of the request's tenant (the API key's), or the 503 saying it is not up."""
+        try:
+            return await self.clients.get(request.tenant_id)
+        except TenantUnavailable:
+            metrics.REQUESTS.labels("unavailable", "na").inc()
+            return openai_error(
+                503,
+                "this API key's tenant is not reachable on the bus right now (the gateway's log says "
+                "why: its topics or credentials may be missing); try again later",
+                "server_error",
+                "tenant_unavailable",
+                request_id=request.request_id,
+            )
+
     async def create(self, body: ChatCompletionRequest, request: ChatRequest) -> Any:
         started = time.monotonic()
         kind = "true" if body.stream else "false"
+        client = await self._client(request)
+        if isinstance(client, JSONResponse):
+            return client
         if body.stream:
             return StreamingResponse(
-                self._sse(body, request, started),
+                self._sse(client, body, request, started),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Request-Id": request.request_id},
             )
         metrics.INFLIGHT.inc()
         try:
-            response = await self.client.ask_request(request, timeout=self.timeout)
+            response = await client.ask_request(request, timeout=self.timeout)
         except ChatTimeout as e:
             metrics.REQUESTS.labels("timeout", kind).inc()
             return openai_error(504, str(e), "timeout", "timeout", request_id=request.request_id)
@@ -117,7 +139,7 @@ class OpenAIServing:
         )
 
     async def _sse(
-        self, body: ChatCompletionRequest, request: ChatRequest, started: float
+        self, client: ChatClient, body: ChatCompletionRequest, request: ChatRequest, started: float
     ) -> AsyncIterator[str]:
         cid, created = f"chatcmpl-{request.request_id}", int(time.time())
         model = body.model or "ragbus"
@@ -128,7 +150,7 @@ class OpenAIServing:
             return f"data: {c.model_dump_json(exclude_none=usage is None)}\n\n"
 
         metrics.INFLIGHT.inc()
-        stream = self.client.stream_request(request, timeout=self.timeout)
+        stream = client.stream_request(request, timeout=self.timeout)
         try:
             yield chunk(Delta(role="assistant", content=""))
             async for text in stream:

@@ -1,5 +1,9 @@
-"""The producing side of ingestion: files and folders become DocumentIngest events on
-`ragbus.docs.ingest`, and their IngestResults are collected from `ragbus.docs.ingested`.
+"""The producing side of ingestion: files and folders become DocumentIngest events on the
+tenant's `docs.ingest` topic, and their IngestResults are collected from its `docs.ingested`.
+
+The tenant is the one the settings act as (`settings.tenant`; `infra.secrets.as_tenant` for
+another, with its credentials): the processors take the tenant from the topic, so the documents
+join that tenant's knowledge base and no other.
 
 A document's id is its path inside the folder given (or its file name when a file is given),
 optionally prefixed, so ingesting the same folder again replaces each document in place.
@@ -148,8 +152,8 @@ def build_event(job: FileJob, *, tenant: str, user: str) -> DocumentIngest:
 
 
 def _results(settings: Settings) -> ReplyReader[IngestResult]:
-    """The reader of `docs.ingested`, from its current end."""
-    topics = {settings.topics.docs_ingested: IngestResult}
+    """The reader of the tenant's `docs.ingested`, from its current end."""
+    topics = {settings.topics.tenant(settings.tenant).docs_ingested: IngestResult}
     return ReplyReader(settings, topics, client_id="ragbus-ingest", fetch_max_wait_ms=50)
 
 
@@ -157,19 +161,20 @@ async def ingest_files(
     settings: Settings,
     jobs: list[FileJob],
     *,
-    tenant: str,
     user: str = "cli",
     idle_timeout: float = 120.0,
     on_event: Callable[[FileOutcome], None] | None = None,
 ) -> IngestReport:
-    """Send every file as a DocumentIngest, then wait for the IngestResults. Files that cannot be
-    read or are too large are reported, not sent; `on_event` sees each outcome as it settles.
+    """Send every file as a DocumentIngest of `settings.tenant`, then wait for the IngestResults.
+    Files that cannot be read or are too large are reported, not sent; `on_event` sees each
+    outcome as it settles.
 
     Gives up when no result has arrived for `idle_timeout` seconds.
     """
     started = time.monotonic()
     report = IngestReport(outcomes=[FileOutcome(job) for job in jobs])
-    topic = settings.topics.docs_ingest
+    tenant = settings.tenant
+    topic = settings.topics.tenant(tenant).docs_ingest
     limit = max_event_bytes(topic, settings.topic_prefix)
     by_request: dict[str, FileOutcome] = {}
     notify = on_event or (lambda _: None)
@@ -218,9 +223,12 @@ async def ingest_files(
 
 
 async def delete_documents(
-    settings: Settings, doc_ids: list[str], *, tenant: str, user: str = "cli", idle_timeout: float = 60.0
+    settings: Settings, doc_ids: list[str], *, user: str = "cli", idle_timeout: float = 60.0
 ) -> list[IngestResult | None]:
-    """Send a delete for each document and wait for the results (None where none came)."""
+    """Send a delete for each of `settings.tenant`'s documents and wait for the results (None
+    where none came)."""
+    tenant = settings.tenant
+    topic = settings.topics.tenant(tenant).docs_ingest
     events = [DocumentIngest(tenant_id=tenant, user_id=user, doc_id=d, op="delete") for d in doc_ids]
     results: asyncio.Queue[IngestResult] = asyncio.Queue()
     replies = _results(settings)
@@ -232,7 +240,7 @@ async def delete_documents(
         for event in events:
             replies.expect(event.request_id, results.put_nowait, once=True)
             enc = encode(event)
-            await producer.send(settings.topics.docs_ingest, enc.value, key=enc.key, headers=enc.headers)
+            await producer.send(topic, enc.value, key=enc.key, headers=enc.headers)
         await producer.flush()
         while len(got) < len(events):
             try:

@@ -12,6 +12,7 @@ from infra.kafka.clients import make_producer
 from infra.kafka.codec import encode
 from infra.settings import Settings
 from schemas import ChatRequest, ChatResponse, EnrichedRequest, Lane, RetrievedChunk, SamplingParams
+from tests.conftest import TEST_TENANTS
 from tests.helpers import read_topic
 
 #: (question, the passage that answers it, what the answer must contain). SmolLM2-135M-Instruct
@@ -80,12 +81,16 @@ async def feed(
         await producer.stop()
 
 
-async def responses(settings: Settings, lanes: tuple[Lane, ...] = ("chat", "bulk")) -> list[Any]:
-    """Committed response records of both lanes (read_committed), as (record, ChatResponse)."""
+async def responses(
+    settings: Settings, lanes: tuple[Lane, ...] = ("chat", "bulk"), tenants: tuple[str, ...] = TEST_TENANTS
+) -> list[Any]:
+    """Committed response records of both lanes (read_committed) on the responses topics of
+    `tenants` (the worker answers on the topic of the request's tenant), as (record, ChatResponse)."""
     out = []
-    for lane in lanes:
-        for record in await read_topic(settings, settings.topics.responses(lane)):
-            out.append((record, ChatResponse.model_validate_json(record.value)))
+    for tenant in tenants:
+        for lane in lanes:
+            for record in await read_topic(settings, settings.topics.tenant(tenant).responses(lane)):
+                out.append((record, ChatResponse.model_validate_json(record.value)))
     return out
 
 

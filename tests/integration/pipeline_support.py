@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,7 @@ from pydantic import SecretStr
 
 from infra.kafka.topics import declare_topics
 from infra.settings import Settings
-from tests.conftest import unique
+from tests.conftest import TEST_TENANTS, unique
 from tests.helpers import spawn, wait_for
 from tests.provision import KafkaService, PostgresService, create_database
 
@@ -57,9 +57,15 @@ class Pipeline:
 
 
 async def pipeline_settings(
-    kafka: KafkaService, postgres: PostgresService, root: Path, **overrides: Any
+    kafka: KafkaService,
+    postgres: PostgresService,
+    root: Path,
+    *,
+    tenants: Sequence[str] = (),
+    **overrides: Any,
 ) -> Settings:
-    """Settings for a fresh deployment (own prefix, database, collection) with its topics declared."""
+    """Settings for a fresh deployment (own prefix, database, collection) with its topics declared:
+    the shared ones, and those of `tenants` and of the test tenants (`TEST_TENANTS`)."""
     test_id = unique("p")
     await create_database(postgres.dsn, test_id)
     s = Settings(
@@ -73,7 +79,7 @@ async def pipeline_settings(
         _env_file=None,  # type: ignore[call-arg]
         **overrides,
     )
-    await declare_topics(s)
+    await declare_topics(s, tenants=sorted({*TEST_TENANTS, *tenants}))
     return s
 
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from infra.kafka.topics import declare_topics
+from infra.secrets import as_tenant
 from infra.settings import Settings
 from producers.bulk.formats import CUSTOM_ID_MAX, field_max_length, safe_custom_id
 from producers.bulk.runner import BulkRunner
@@ -28,7 +29,8 @@ def _line(custom_id: object, content: object = "q", **body: object) -> str:
 async def test_bad_lines_become_error_lines_and_the_job_goes_on(
     base_settings: Settings, tmp_path: Path
 ) -> None:
-    await declare_topics(base_settings)
+    await declare_topics(base_settings, tenants=["acme"])
+    settings = as_tenant(base_settings, "acme")
     long_id = "L" * (CUSTOM_ID_MAX + 100)
     bad = [
         _line("part", [{"type": "text", "text": 5}]),
@@ -43,7 +45,7 @@ async def test_bad_lines_become_error_lines_and_the_job_goes_on(
     path = tmp_path / "in.jsonl"
     path.write_text("\n".join(bad[:4] + good[:1] + bad[4:] + good[1:]) + "\n")
     out = tmp_path / "out.jsonl"
-    store = JobStore(base_settings.home)
+    store = JobStore(settings.home, "acme")
     state = JobState(
         job_id="hostile",
         input=str(path),
@@ -53,12 +55,12 @@ async def test_bad_lines_become_error_lines_and_the_job_goes_on(
         user_id="u",
         total=len(bad) + len(good),
     )
-    runner = BulkRunner(base_settings, state, store, progress=False)
+    runner = BulkRunner(settings, state, store, progress=False)
     job = asyncio.create_task(runner.run())
-    topic = base_settings.topics.requests("bulk")
+    topic = settings.topics.tenant("acme").requests("bulk")
 
     async def both_sent() -> list[str]:
-        sent = {r.custom_id for r in await read_events(base_settings, topic, ChatRequest)}
+        sent = {r.custom_id for r in await read_events(settings, topic, ChatRequest)}
         return sorted(sent) if {"good-1", "good-2"} <= sent else []
 
     try:

@@ -26,8 +26,9 @@ import pytest
 
 from infra.procs import free_port
 from infra.settings import Settings
+from producers.bulk.runner import request_id_for
 from schemas import ChatResponse
-from tests.helpers import read_topic, run_ragbus, spawn, wait_for
+from tests.helpers import read_events, read_topic, run_ragbus, spawn, wait_for
 from tests.integration.audit_support import audit_coords, readable_records
 from tests.integration.pipeline_support import Pipeline, pipeline_settings, running_pipeline
 from tests.provision import KafkaService, PostgresService
@@ -35,6 +36,10 @@ from tests.provision import KafkaService, PostgresService
 SAMPLES = Path(__file__).resolve().parents[2] / "producers" / "samples"
 KEY = "sk-e2e-" + uuid.uuid4().hex
 TENANT = "northwind"
+#: A second tenant, with a gateway key of its own and no documents.
+RIVAL, RIVAL_KEY = "rival", "sk-e2e-rival-" + uuid.uuid4().hex
+#: A tenant with no documents for the bulk job (short prompts).
+NODOCS = "nodocs"
 
 
 @dataclass
@@ -59,12 +64,16 @@ async def pipeline(
 ) -> AsyncIterator[E2E]:
     root = tmp_path_factory.mktemp("e2e")
     keys = root / "keys.toml"
-    keys.write_text(f'[[keys]]\nkey = "{KEY}"\ntenant = "{TENANT}"\nuser = "alice"\n')
+    keys.write_text(
+        f'[[keys]]\nkey = "{KEY}"\ntenant = "{TENANT}"\nuser = "alice"\n\n'
+        f'[[keys]]\nkey = "{RIVAL_KEY}"\ntenant = "{RIVAL}"\nuser = "mallory"\n'
+    )
     port = free_port()
     s = await pipeline_settings(
         kafka,
         postgres,
         root,
+        tenants=(TENANT, RIVAL, NODOCS),
         otel_exporter="file",
         otel_file=root / "spans.jsonl",
         gateway_port=port,
@@ -169,7 +178,7 @@ async def test_kcat_round_trip(pipeline: E2E) -> None:
     }
     produce = await asyncio.to_thread(
         subprocess.run,
-        ["kcat", "-P", "-b", s.bootstrap, "-t", s.topics.requests("chat"), "-k", request_id],
+        ["kcat", "-P", "-b", s.bootstrap, "-t", s.topics.tenant(TENANT).requests("chat"), "-k", request_id],
         input=json.dumps(request).encode(),
         capture_output=True,
         timeout=30,
@@ -180,7 +189,8 @@ async def test_kcat_round_trip(pipeline: E2E) -> None:
     def consume() -> dict[str, Any] | None:
         out = subprocess.run(
             [
-                *("kcat", "-C", "-b", s.bootstrap, "-t", s.topics.responses("chat"), "-o", "beginning"),
+                *("kcat", "-C", "-b", s.bootstrap, "-t", s.topics.tenant(TENANT).responses("chat")),
+                *("-o", "beginning"),
                 *("-e", "-X", "isolation.level=read_committed", "-q", "-f", "%s\\n"),
             ],
             capture_output=True,
@@ -215,7 +225,7 @@ async def test_bulk_job_interrupted_and_resumed_answers_each_line_once(pipeline:
     out = tmp_path / "answers.jsonl"
     job = f"e2e-{uuid.uuid4().hex[:6]}"
     # A tenant with no documents: short prompts, so 200 answers take seconds, not minutes.
-    args = ["bulk", "submit", str(questions), "--out", str(out), "--tenant", "nodocs", "--job", job]
+    args = ["bulk", "submit", str(questions), "--out", str(out), "--tenant", NODOCS, "--job", job]
     args += ["--window", "32", "--no-progress"]
     log = tmp_path / "bulk.log"
     first = spawn(args, s, log)
@@ -244,8 +254,68 @@ async def test_bulk_job_interrupted_and_resumed_answers_each_line_once(pipeline:
     assert len(rows) == n and len(set(ids)) == n, (len(rows), len(set(ids)))
     assert set(ids) == {f"q-{i:03d}" for i in range(n)}
     assert all(r["response"]["status_code"] == 200 and r["error"] is None for r in rows)
-    code, status, _ = await run_ragbus(s, "bulk", "status", job, "--json")
+    code, status, _ = await run_ragbus(s, "bulk", "status", job, "--tenant", NODOCS, "--json")
     assert code == 0 and json.loads(status)[0]["answered"] == n
+    # Jobs are the tenant's: another tenant has no job of that name.
+    code, _, err = await run_ragbus(s, "bulk", "status", job, "--tenant", RIVAL)
+    assert code == 2 and f"no job {job}" in err
+
+
+async def test_two_tenants_with_the_same_job_and_custom_ids_get_only_their_own_answers(
+    pipeline: E2E, tmp_path: Path
+) -> None:
+    """The same input, --job and custom ids under two tenants: two jobs, distinct request ids, and
+    each output holds answers from its own tenant's knowledge only (the rival has no documents)."""
+    s = pipeline.settings
+    questions = tmp_path / "questions.jsonl"
+    asked = {"a": HELPDESK[0], "b": MEALS[0]}
+    questions.write_text(
+        "".join(
+            json.dumps(
+                {"custom_id": cid, "body": {"messages": [{"role": "user", "content": q}], "max_tokens": 24}}
+            )
+            + "\n"
+            for cid, q in asked.items()
+        )
+    )
+    job = f"same-{uuid.uuid4().hex[:6]}"
+    outputs: dict[str, dict[str, Any]] = {}
+    for tenant in (TENANT, RIVAL):
+        out = tmp_path / f"{tenant}.jsonl"
+        args = ["bulk", "submit", str(questions), "--out", str(out), "--tenant", tenant, "--job", job]
+        code, _, err = await run_ragbus(s, *args, "--no-progress", timeout=300)
+        assert code == 0, err
+        assert "resuming" not in err  # the rival's job is not a resume of the first tenant's
+        outputs[tenant] = {row["custom_id"]: row for row in map(json.loads, out.read_text().splitlines())}
+    for tenant, rows in outputs.items():
+        assert set(rows) == set(asked)
+        for cid, row in rows.items():
+            assert row["response"]["request_id"] == request_id_for(tenant, job, cid)
+    ours = [row["response"]["body"]["ragbus"]["citations"] for row in outputs[TENANT].values()]
+    theirs = [row["response"]["body"]["ragbus"]["citations"] for row in outputs[RIVAL].values()]
+    assert all(ours) and not any(theirs), (ours, theirs)
+
+
+async def test_gateway_keys_of_two_tenants_each_see_only_their_own_replies(pipeline: E2E) -> None:
+    """The same question through the gateway with each tenant's key: each answer comes from the
+    key's tenant's knowledge, and each reply is on that tenant's responses topic only."""
+    messages: Any = [{"role": "user", "content": HELPDESK[0]}]
+
+    def ask(key: str) -> Any:
+        return _openai(pipeline, key).chat.completions.create(
+            model="ragbus", messages=messages, max_tokens=30
+        )
+
+    ours, theirs = await asyncio.gather(asyncio.to_thread(ask, KEY), asyncio.to_thread(ask, RIVAL_KEY))
+    assert HELPDESK[1] in (ours.choices[0].message.content or ""), ours
+    assert ours.model_extra["citations"] and not theirs.model_extra["citations"], (ours, theirs)
+    s = pipeline.settings
+    for reply, tenant, other in ((ours, TENANT, RIVAL), (theirs, RIVAL, TENANT)):
+        request_id = reply.id.removeprefix("chatcmpl-")
+        on_own = await read_events(s, s.topics.tenant(tenant).responses("chat"), ChatResponse)
+        on_other = await read_events(s, s.topics.tenant(other).responses("chat"), ChatResponse)
+        assert [r.tenant_id for r in on_own if r.request_id == request_id] == [tenant]
+        assert all(r.request_id != request_id for r in on_other)
 
 
 async def test_one_trace_links_gateway_retrieval_worker_and_response(pipeline: E2E) -> None:
@@ -279,7 +349,9 @@ async def test_one_trace_links_gateway_retrieval_worker_and_response(pipeline: E
     # The response record carries the worker's span as its parent context.
     records = [
         r
-        for r in await read_topic(pipeline.settings, pipeline.settings.topics.responses("chat"))
+        for r in await read_topic(
+            pipeline.settings, pipeline.settings.topics.tenant(TENANT).responses("chat")
+        )
         if ChatResponse.model_validate_json(r.value).request_id == request_id
     ]
     assert len(records) == 1
@@ -314,10 +386,10 @@ async def test_audit_rows_equal_the_records_of_the_whole_run(pipeline: E2E) -> N
         gateway_requests = await conn.fetch(
             "SELECT request_id FROM audit_log "
             "WHERE topic = $1 AND request_payload->'metadata'->>'api' = 'openai'",
-            s.topics.requests("chat"),
+            s.topics.tenant(TENANT).requests("chat"),
         )
     finally:
         await conn.close()
-    assert len(gateway_requests) == 5, gateway_requests
+    assert len(gateway_requests) == 6, gateway_requests
     by_request = {r["request_id"]: r["ip"] for r in with_ip}
     assert all(by_request.get(r["request_id"]) == "127.0.0.1" for r in gateway_requests), with_ip

@@ -37,7 +37,7 @@ class Gateway:
 @pytest.fixture
 async def gateway(base_settings: Settings) -> AsyncIterator[Gateway]:
     settings = base_settings.model_copy(update={"gateway_timeout_s": 15.0})
-    await declare_topics(settings)
+    await declare_topics(settings, tenants=["acme"])
     keys = ApiKeys({hashlib.sha256(KEY.encode()).hexdigest(): Principal("acme", "alice")})
     app = create_app(settings, keys)
     async with serve_app(app) as url:
@@ -111,7 +111,7 @@ async def test_a_failure_inside_is_a_500_with_only_the_request_id(gateway: Gatew
     admin = make_admin(gateway.settings)
     await admin.start()
     try:
-        topic = gateway.settings.topics.requests("chat")
+        topic = gateway.settings.topics.tenant("acme").requests("chat")  # the key's tenant's
         resource = ConfigResource(ConfigResourceType.TOPIC, topic, configs={"max.message.bytes": "64"})
         await admin.alter_configs([resource])
     finally:

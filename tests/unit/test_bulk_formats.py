@@ -1,4 +1,5 @@
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from producers.bulk.formats import (
     safe_custom_id,
 )
 from producers.bulk.runner import request_id_for
+from producers.bulk.state import JobState, JobStore
 from producers.client.conversations import Conversations
 from producers.openai.convert import InvalidInput, split_messages
 from schemas import ChatRequest, ChatResponse, Citation, ErrorCode, ErrorInfo, Usage
@@ -114,9 +116,46 @@ def test_answered_ids_cuts_a_torn_last_line(tmp_path: Path) -> None:
     assert answered_ids(tmp_path / "missing.jsonl") == set()
 
 
-def test_request_ids_are_stable_per_job_and_id() -> None:
-    assert request_id_for("j", "a") == request_id_for("j", "a")
-    assert len({request_id_for("j", "a"), request_id_for("j", "b"), request_id_for("k", "a")}) == 3
+def test_request_ids_are_stable_per_tenant_job_and_id() -> None:
+    assert request_id_for("t", "j", "a") == request_id_for("t", "j", "a")
+    ids = {
+        request_id_for("t", "j", "a"),
+        request_id_for("t", "j", "b"),
+        request_id_for("t", "k", "a"),
+        # The same job and custom id under another tenant is another request.
+        request_id_for("acme", "j", "a"),
+        # Fields cannot run together: ("t", "j\x00a") is not ("t\x00j", "a").
+        request_id_for("t", "ja", ""),
+        request_id_for("tj", "a", ""),
+    }
+    assert len(ids) == 6
+    assert str(uuid.UUID(request_id_for("t", "j", "a"))) == request_id_for("t", "j", "a")
+
+
+def test_jobs_are_kept_per_tenant(tmp_path: Path) -> None:
+    """The same --job under two tenants is two jobs: neither loads, lists nor cancels the other."""
+    acme, other = JobStore(tmp_path, "acme"), JobStore(tmp_path, "other")
+
+    def state(tenant: str) -> JobState:
+        return JobState(
+            job_id="j",
+            input="in",
+            output=f"{tenant}.jsonl",
+            input_format="text",
+            tenant_id=tenant,
+            user_id="u",
+        )
+
+    acme.save(state("acme"))
+    assert other.load("j") is None and other.list() == []
+    other.save(state("other"))
+    assert acme.load("j").output == "acme.jsonl" and other.load("j").output == "other.jsonl"  # type: ignore[union-attr]
+    acme.request_cancel("j")
+    assert acme.cancel_requested("j") and not other.cancel_requested("j")
+    with pytest.raises(ValueError, match="belongs to tenant 'acme'"):
+        other.save(state("acme"))
+    with pytest.raises(ValueError, match="invalid tenant"):
+        JobStore(tmp_path, "../acme")
 
 
 def test_split_messages_needs_a_final_user_turn() -> None:

@@ -28,3 +28,11 @@ def test_no_file_means_no_keys_and_bad_entries_are_refused(tmp_path: Path) -> No
     bad.write_text('[[keys]]\nkey = "k"\n')
     with pytest.raises(ValueError, match="tenant"):
         ApiKeys.load(bad)
+
+
+def test_a_key_naming_an_invalid_tenant_is_refused_at_load(tmp_path: Path) -> None:
+    """The tenant becomes part of topic and principal names: a key file cannot smuggle dots in."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[keys]]\nkey = "k"\ntenant = "acme.chat"\n')
+    with pytest.raises(ValueError, match=r"keys\[0\]: invalid tenant name"):
+        ApiKeys.load(bad)

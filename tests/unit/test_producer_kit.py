@@ -91,8 +91,8 @@ def _record(topic: str, event: EventBase) -> Record:
 def test_the_reader_routes_by_request_id_and_skips_what_it_cannot_read(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
-    topics = settings.topics
+    settings = Settings(_env_file=None, tenant="t")  # type: ignore[call-arg]
+    topics = settings.topics.tenant("t")
     models: dict[str, type[Any]] = {
         topics.responses("chat"): ChatResponse,
         topics.tokens: TokenChunk,
@@ -124,3 +124,53 @@ def test_the_reader_routes_by_request_id_and_skips_what_it_cannot_read(
     assert sum("undecodable reply" in m for m in caplog.messages) == 2
     reader.unregister("r1")
     assert reader.waiting == 0
+
+
+def test_the_reader_delivers_only_replies_read_from_its_tenants_topics_that_name_its_tenant(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A reply with a request id the client sent is still not delivered when it was read from a
+    topic the reader does not own (another tenant's), or names another tenant on the reader's."""
+    settings = Settings(_env_file=None, tenant="acme")  # type: ignore[call-arg]
+    acme, other = settings.topics.tenant("acme"), settings.topics.tenant("evil")
+    reader: ReplyReader[Any] = ReplyReader(
+        settings, {acme.responses("chat"): ChatResponse, acme.tokens: TokenChunk}, client_id="unit"
+    )
+    mine = reader.register("r1")
+    forged = ChatResponse(request_id="r1", tenant_id="evil", lane="chat", answer="forged")
+    claims_acme = ChatResponse(request_id="r1", tenant_id="acme", lane="chat", answer="forged too")
+    token = TokenChunk(request_id="r1", tenant_id="evil", lane="chat", index=0, text="forged")
+    answer = ChatResponse(request_id="r1", tenant_id="acme", lane="chat", answer="real")
+    with caplog.at_level(logging.WARNING, logger="producers.replies"):
+        for record in [
+            _record(other.responses("chat"), claims_acme),  # another tenant's topic: not ours
+            _record(other.tokens, token),
+            _record(acme.responses("bulk"), claims_acme),  # not one of the reader's topics either
+            _record(acme.responses("chat"), forged),  # on ours, but naming another tenant
+            _record(acme.tokens, token),
+            _record(acme.responses("chat"), answer),
+        ]:
+            reader._dispatch(record)  # noqa: SLF001 - the routing, without a broker
+    assert mine.get_nowait() == answer and mine.empty()
+    assert sum("names tenant 'evil'" in m for m in caplog.messages) == 2
+
+
+def test_a_client_stamps_its_tenant_and_keeps_each_users_conversations_apart() -> None:
+    """A client is one tenant's: every request it builds names that tenant, and its memory is
+    keyed by (user, conversation), so the same conversation id of another user starts empty."""
+    from producers.client import ChatClient
+
+    client = ChatClient(Settings(_env_file=None, tenant="acme"))  # type: ignore[call-arg]
+    assert set(client.replies.models) == {
+        client.settings.topics.tenant("acme").responses("chat"),
+        client.settings.topics.tenant("acme").tokens,
+    }
+    first = client.request("q1", user="alice", conversation_id="c")
+    assert first.tenant_id == "acme" and first.history == []
+    assert client.conversations is not None
+    client.conversations.record(("alice", "c"), "q1", "a1")
+    assert [m.content for m in client.request("q2", user="alice", conversation_id="c").history] == [
+        "q1",
+        "a1",
+    ]
+    assert client.request("q2", user="mallory", conversation_id="c").history == []
