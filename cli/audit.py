@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cli.common import console, err_console, friendly_errors, print_json, settings
-from infra.settings import Settings
+from infra.settings import PgRole, Settings
 
 T = TypeVar("T")
 
@@ -77,12 +77,13 @@ def _when(text: str | None, option: str) -> datetime | None:
         raise typer.Exit(2) from None
 
 
-def _with_db(s: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
-    """Run `work(connection)` against the configured Postgres, with one-line errors."""
+def _with_db(s: Settings, work: Callable[[Any], Awaitable[T]], *, role: PgRole = "reader") -> T:
+    """Run `work(connection)` against the configured Postgres as `role` (the read-only role unless
+    the work changes the schema), with one-line errors."""
     import asyncpg
 
     async def run() -> T:
-        conn = await asyncpg.connect(s.postgres_dsn, timeout=10)
+        conn = await asyncpg.connect(s.postgres_dsn_for(role), timeout=10)
         try:
             return await work(conn)
         finally:
@@ -93,6 +94,12 @@ def _with_db(s: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
     except asyncpg.UndefinedTableError:
         err_console.print(
             "[red]error:[/red] there is no audit_log table yet: `ragbus up` (or `ragbus sink run`) creates it"
+        )
+        raise typer.Exit(1) from None
+    except asyncpg.InsufficientPrivilegeError as e:
+        err_console.print(
+            f"[red]error:[/red] Postgres: {e}; `ragbus up` grants the {role} role what it needs "
+            "(run it again after an upgrade)"
         )
         raise typer.Exit(1) from None
     except asyncpg.PostgresError as e:
@@ -193,7 +200,7 @@ def sink_prune(
         return
     if not yes and not typer.confirm(f"drop {len(doomed)} partition(s)?"):
         raise typer.Exit(1)
-    dropped = _with_db(s, lambda conn: drop_before(conn, cutoff))
+    dropped = _with_db(s, lambda conn: drop_before(conn, cutoff), role="owner")
     console.print(f"dropped {len(dropped)} partition(s)")
 
 

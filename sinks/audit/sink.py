@@ -103,7 +103,9 @@ class AuditSink:
         self.log_every_s = log_every_s
         self.group_id = group_id(settings)
         self.mapper = RowMapper(settings.topic_prefix, self.keyring)
-        self.writer = AuditWriter(settings.postgres_dsn)
+        dsn = settings.postgres_dsn_for("sink")
+        # As its own role (INSERT only) the sink cannot migrate; as the owner (one pg_dsn) it may.
+        self.writer = AuditWriter(dsn, may_migrate=dsn == settings.postgres_dsn)
         self.stats = SinkStats()
         self._queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=MAX_QUEUED)
         self._consumer: AIOKafkaConsumer | None = None

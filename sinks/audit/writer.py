@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import asyncpg.exceptions._base as pg_base
 
-from infra.postgres.migrations import migrate
+from infra.postgres.migrations import MigrationError, migrate, pending
 from sinks.audit.rows import COLUMNS, Row, unstorable
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,10 @@ class WriteResult:
 
 
 class AuditWriter:
-    def __init__(self, dsn: str, *, timeout: float = 60.0) -> None:
+    def __init__(self, dsn: str, *, timeout: float = 60.0, may_migrate: bool = True) -> None:
         self.dsn = dsn
+        #: False when `dsn` is a least-privilege role: then the schema must be current already.
+        self.may_migrate = may_migrate
         self.timeout = timeout
         self._conn: asyncpg.Connection | None = None
         self._months: set[datetime] = set()
@@ -106,10 +108,18 @@ class AuditWriter:
             conn.terminate()
 
     async def prepare(self) -> None:
-        """Apply migrations and make sure this month's and next month's partitions exist."""
+        """Apply migrations (or, as the sink's least-privilege role, check that none is pending) and
+        make sure this month's and next month's partitions exist."""
         conn = await self.connect()
         try:
-            await migrate(conn)
+            if self.may_migrate:
+                await migrate(conn)
+            elif missing := await pending(conn):
+                names = ", ".join(f"{m.version:04d}_{m.name}" for m in missing)
+                raise MigrationError(
+                    f"the audit schema lacks migrations {names}; run `ragbus up` (it migrates as the "
+                    "database owner) before the sink"
+                )
             now = datetime.now(UTC)
             await self.ensure_months({month_of(now), month_of(month_of(now) + timedelta(days=32))})
         except BaseException:
