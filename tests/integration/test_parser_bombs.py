@@ -27,7 +27,7 @@ def slow_markdown() -> str:
 
 async def test_bombs_and_a_slow_document_do_not_hold_up_the_next_one(settings: Settings) -> None:
     s = settings.model_copy(update={"parse_timeout_s": DEADLINE_S, "parse_workers": 2})
-    t = s.topics
+    t = s.topics.tenant(ACME)
 
     def doc(doc_id: str, content_type: str, text: str) -> DocumentIngest:
         return DocumentIngest(tenant_id=ACME, doc_id=doc_id, content_type=content_type, text=text)  # type: ignore[arg-type]
