@@ -25,6 +25,14 @@ PROCESSING = "processing"
 #: A request whose payload names another tenant than the topic it was read from (the topic, which
 #: only its tenant's principal may write, is who sent it).
 TENANT_MISMATCH = "tenant_mismatch"
+#: An internal event naming a tenant that has no reply topics (removed, or never added).
+UNKNOWN_TENANT = "unknown_tenant"
+
+
+class UnknownTenant(RuntimeError):
+    """The reply topics an event names do not exist: its answer would reach nobody."""
+
+    error_class = UNKNOWN_TENANT
 
 
 def tenant_mismatch(topic: str, claimed: str, prefix: str) -> DecodeError | None:

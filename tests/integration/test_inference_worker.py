@@ -95,7 +95,10 @@ async def test_clear_errors_without_touching_the_engine(settings: Settings, engi
     unknown = enriched("Which model?", model="no-such-model")
     huge = enriched("why " * 6000, max_tokens=64)  # ~6000 tokens: over the 2048-token window
     invalid = b'{"request_id": "r-bad", "tenant_id": "acme", "lane": "chat", "request": {"question": ""}}'
-    await feed(settings, [late, unknown, huge], raw=[("chat", invalid)])
+    # A tenant without topics: its answer would stall every transaction, so it is dead-lettered.
+    ghost = enriched("Anyone there?", deadline=past, tenant="ghost")
+    ghost_bytes = b'{"request_id": "r-ghost", "tenant_id": "ghost", "lane": "chat", "request": {}}'
+    await feed(settings, [ghost, late, unknown, huge], raw=[("chat", invalid), ("chat", ghost_bytes)])
     worker = make_worker(settings, engine)
     async with running(worker):
         ids = {late.request_id, unknown.request_id, huge.request_id, "r-bad"}
@@ -108,7 +111,12 @@ async def test_clear_errors_without_touching_the_engine(settings: Settings, engi
     assert got["r-bad"][0].error.code == ErrorCode.INVALID_REQUEST  # type: ignore[union-attr]
     assert all(len(v) == 1 for v in got.values())
     letters = await read_events(settings, settings.topics.dlq(settings.topics.enriched("chat")), DeadLetter)
-    assert [d.error_class for d in letters] == ["schema_validation"]
+    assert sorted((d.error_class, d.request_id) for d in letters) == [
+        ("schema_validation", "r-bad"),
+        ("schema_validation", "r-ghost"),
+        ("unknown_tenant", ghost.request_id),
+    ]
+    assert not {ghost.request_id, "r-ghost"} & {r.request_id for _, r in await responses(settings)}
     assert worker.answerer.stats.answered == 0  # none of them reached the model
 
 
