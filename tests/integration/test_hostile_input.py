@@ -294,7 +294,8 @@ async def test_hostile_records_never_stop_a_component(pipeline: Pipeline) -> Non
     try:
         for d in draws:
             topic = topic_of(s, d.suffix)
-            meta = await producer.send_and_wait(topic, d.value, key=d.key, headers=list(d.headers))
+            key = d.key if d.key is not None or d.value is not None else b"k"  # aiokafka needs one of them
+            meta = await producer.send_and_wait(topic, d.value, key=key, headers=list(d.headers))
             produced.append((d, topic, meta.partition, meta.offset))
     finally:
         await producer.stop()
