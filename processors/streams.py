@@ -1,5 +1,5 @@
-"""The faust-streaming app that feeds the processors: one agent per input suffix (reading that
-suffix's topic of every tenant), each reading micro-batches with `Stream.take_events(N, within=T)`.
+"""The faust-streaming app that feeds the processors: one agent per input topic, each reading
+micro-batches with `Stream.take_events(N, within=T)`.
 
 Two departures from faust's defaults, both for exactly-once output through our own transactions
 (see `infra.kafka.publisher`):
@@ -64,8 +64,9 @@ RESUBSCRIBE_WAIT_S = 1.0
 
 
 class ProcessorsApp(faust.App):
-    """The processors' faust app; each agent reads a set of topics (one per tenant) that
-    `set_agent_topics` can change while the app runs."""
+    """The processors' faust app. An agent reads one input suffix of every tenant: its "topic"
+    (in `build_app`) is the list of those tenants' topics, which `set_agent_topics` changes while
+    the app runs."""
 
     #: agent name → the faust Topic it was declared with (its iterating clones follow it).
     agent_topics: dict[str, Any]
@@ -131,7 +132,7 @@ def build_app(
     on_assigned: RebalanceHandler,
 ) -> ProcessorsApp:
     """A faust app in consumer group `group_id` with one agent per entry of `agents`:
-    name → (topics, max batch, max wait in seconds, handler)."""
+    name → (topic, max batch, max wait in seconds, handler)."""
     datadir = settings.home / "processors" / "faust"
     datadir.mkdir(parents=True, exist_ok=True)
     app = ProcessorsApp(
