@@ -106,15 +106,15 @@ def questions(n: int, rng: random.Random) -> list[str]:
 class Collector:
     """A read_committed consumer from the topic's current end, noting when each key arrives."""
 
-    def __init__(self, settings: Settings, topic: str) -> None:
+    def __init__(self, settings: Settings, *topics: str) -> None:
         self.settings = settings
-        self.topic = topic
+        self.topics = list(topics)
         self.consumer = make_consumer(settings, group_id=None, fetch_max_wait_ms=200)
         self.seen: dict[bytes, float] = {}
 
     async def start(self) -> None:
         await self.consumer.start()
-        tps = await topic_partitions(self.settings, self.consumer, [self.topic])
+        tps = await topic_partitions(self.settings, self.consumer, self.topics)
         self.consumer.assign(tps)
         await self.consumer.seek_to_end(*tps)
         for tp in tps:
@@ -185,7 +185,7 @@ async def run(args: argparse.Namespace) -> None:
         work = Path(tmp)
         with kafka_service(work / "kafka", cache=CACHE, version=defaults.kafka_version) as kafka:
             s = bench_settings(kafka.bootstrap, work)
-            await declare_topics(s)
+            await declare_topics(s, tenants=TENANTS)
             processor = ComponentProcess(s, ["processors", "run"], work / "processors.log")
             try:
                 processor_qps, raw_qps = await _bench(s, processor, model, args, rng)
@@ -219,11 +219,12 @@ async def _bench(  # type: ignore[no-untyped-def]
 ) -> tuple[float, float]:
     # 1. the corpus, through docs.ingest (the first start includes loading the model)
     docs = corpus(args.docs, rng)
-    results = Collector(s, s.topics.docs_ingested)
+    results = Collector(s, *(s.topics.tenant(t).docs_ingested for t in TENANTS))
     await results.start()
     processor.start()
     with tqdm(total=len(docs), desc="ingest", unit="doc") as bar:
-        await produce(s, s.topics.docs_ingest, docs)
+        for tenant in TENANTS:  # each tenant's documents on its own topic
+            await produce(s, s.topics.tenant(tenant).docs_ingest, [d for d in docs if d.tenant_id == tenant])
         # from the first result on: loading the model is not ingestion
         t0 = await results.until({docs[0].doc_id.encode()})
         t1 = await results.until({d.doc_id.encode() for d in docs}, bar)
@@ -240,11 +241,11 @@ async def _bench(  # type: ignore[no-untyped-def]
     await enriched.start()
     processor.start()
     warm = [ChatRequest(tenant_id=ASKER, question=q) for q in questions(4 * s.embedding_batch_size, rng)]
-    await produce(s, s.topics.requests("chat"), warm)
+    await produce(s, s.topics.tenant(ASKER).requests("chat"), warm)
     await enriched.until({r.request_id.encode() for r in warm})
     requests = [ChatRequest(tenant_id=ASKER, question=q) for q in texts]
     with tqdm(total=len(requests), desc="processor", unit="q") as bar:
-        started = await produce(s, s.topics.requests("chat"), requests)
+        started = await produce(s, s.topics.tenant(ASKER).requests("chat"), requests)
         finished = await enriched.until({r.request_id.encode() for r in requests}, bar)
     await enriched.stop()
     processor.stop()

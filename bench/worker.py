@@ -47,6 +47,8 @@ from schemas import ChatRequest, ChatResponse, EnrichedRequest, RetrievedChunk, 
 from tests.provision import kafka_service
 
 log = logging.getLogger("bench.worker")
+#: The tenant the bench's requests belong to (its answers come on that tenant's responses topic).
+TENANT = "bench"
 
 FACTS = [
     ("What colour is the sky on Zorblat?", "On the planet Zorblat the sky is green and the grass is purple."),
@@ -65,7 +67,7 @@ def requests(n: int, max_tokens: int) -> list[EnrichedRequest]:
     for i in range(n):
         q, passage = FACTS[i % len(FACTS)]
         req = ChatRequest(
-            tenant_id="bench", question=f"{q} (ticket {i})", sampling=SamplingParams(max_tokens=max_tokens)
+            tenant_id=TENANT, question=f"{q} (ticket {i})", sampling=SamplingParams(max_tokens=max_tokens)
         )
         chunks = [
             RetrievedChunk(chunk_id=f"f{i}", doc_id="filler", text=FILLER, score=0.3),
@@ -104,7 +106,9 @@ class Replies:
 
         self.consumer = make_consumer(self.settings, group_id=None, fetch_max_wait_ms=5)
         await self.consumer.start()
-        tps = await topic_partitions(self.settings, self.consumer, [self.settings.topics.responses("chat")])
+        tps = await topic_partitions(
+            self.settings, self.consumer, [self.settings.topics.tenant(TENANT).responses("chat")]
+        )
         self.consumer.assign(tps)
         await self.consumer.seek_to_end(*tps)
         for tp in tps:
@@ -176,7 +180,7 @@ async def main(args: argparse.Namespace) -> None:
             llm_models=[{"name": "bench", "backend": args.backend, "model": model}],
             _env_file=None,  # type: ignore[call-arg]
         )
-        await declare_topics(settings)
+        await declare_topics(settings, tenants=[TENANT])
         router = Router(settings)
         await router.start()
         engine = router.engines["bench"]

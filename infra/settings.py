@@ -144,6 +144,12 @@ class Settings(BaseSettings):
     chunk_overlap_tokens: int = Field(default=40, ge=0)
     ingest_batch_size: int = Field(default=8, ge=1, description="Documents per ingestion micro-batch.")
     ingest_max_wait_ms: float = Field(default=50.0, ge=0)
+    tenant_refresh_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="How often the processors look for new tenants' topics (a tenant added while they "
+        "run is served within about this, plus a rebalance).",
+    )
     # Parsing runs in worker processes (processors/parse_pool.py) that are killed at the deadline,
     # so one hostile document costs at most parse_timeout_s, never the ingestion of the others.
     parse_workers: int = Field(

@@ -7,6 +7,8 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
+from schemas.topics import tenant_of
+
 
 @dataclass(frozen=True)
 class RecordView:
@@ -27,6 +29,14 @@ class RecordView:
     @property
     def tp(self) -> TopicPartition:
         return TopicPartition(self.topic, self.partition)
+
+    def tenant(self, prefix: str) -> str:
+        """The tenant that sent this record: the owner of its topic (only that tenant's principal
+        may write there), whatever the payload says. Raises ValueError for a non-tenant topic."""
+        tenant = tenant_of(self.topic, prefix)
+        if tenant is None:
+            raise ValueError(f"{self.topic} is not a tenant topic under {prefix}")
+        return tenant
 
     @property
     def key_text(self) -> str | None:

@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from processors.retrieval.stage import RetrievalStage
 from processors.stage import BatchStage
 from processors.store import ChunkStore, release_lite
 from processors.streams import ProcessorsApp, build_app
-from schemas import LANES
+from schemas import LANES, Topics
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -65,6 +66,22 @@ def processors_transactional_id(settings: Settings) -> str:
     return f"{prefix}.{settings.process_id}"
 
 
+#: Each agent of the processors and the tenant-topic suffix it reads (of every tenant).
+AGENT_SUFFIXES: dict[str, str] = {
+    "ingest": "docs.ingest",
+    **{f"retrieval-{lane}": f"{lane}.requests" for lane in LANES},
+}
+
+
+def tenant_inputs(topics: Topics, present: set[str]) -> dict[str, list[str]]:
+    """agent name → the tenant topics of its suffix among `present` (one per tenant), sorted."""
+    out: dict[str, list[str]] = {}
+    for agent, suffix in AGENT_SUFFIXES.items():
+        pattern = re.compile(topics.tenant_pattern(suffix))
+        out[agent] = sorted(t for t in present if pattern.match(t))
+    return out
+
+
 class Processors:
     def __init__(self, settings: Settings, *, model: SentenceTransformer | None = None) -> None:
         self.settings = settings
@@ -83,17 +100,18 @@ class Processors:
         #: Set once the consumer group has assigned partitions to this process.
         self.ready = asyncio.Event()
         self._lite_lock: TextIO | None = None
+        #: agent name → the tenant topics it reads now (grows as tenants are added).
+        self.inputs: dict[str, list[str]] = {}
 
     @property
     def input_topics(self) -> list[str]:
-        t = self.settings.topics
-        return [t.docs_ingest, *(t.requests(lane) for lane in LANES)]
+        return sorted(t for names in self.inputs.values() for t in names)
 
     async def start(self) -> None:
         s = self.settings
         if s.uses_milvus_lite:
             self._lock_lite_file(s.milvus_target)
-        await self._check_topics()
+        self.inputs = await self._discover()
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         model = self._model
@@ -111,7 +129,7 @@ class Processors:
         self.stages = {"ingest": ingest}
         agents = {
             "ingest": (
-                s.topics.docs_ingest,
+                self.inputs["ingest"],
                 s.ingest_batch_size,
                 max(s.ingest_max_wait_ms, 1.0) / 1000,  # faust waits forever on 0
                 ingest.process,
@@ -121,7 +139,7 @@ class Processors:
             stage = RetrievalStage(s, self.publisher, self.embedder, self.store, lane=lane)
             self.stages[stage.name] = stage
             agents[stage.name] = (
-                s.topics.requests(lane),
+                self.inputs[stage.name],
                 s.embedding_batch_size,
                 max(s.embedding_max_wait_ms, 1.0) / 1000,
                 stage.process,
@@ -164,21 +182,62 @@ class Processors:
         handle.flush()
         self._lite_lock = handle
 
-    async def _check_topics(self) -> None:
+    async def _list_topics(self) -> set[str]:
         admin = make_admin(self.settings)
         try:
             await admin.start()
-            present = set(await admin.list_topics())
+            return set(await admin.list_topics())
         except Exception as e:
             raise ProcessorsError(f"cannot reach Kafka at {self.settings.bootstrap}: {e}") from e
         finally:
             with contextlib.suppress(Exception):
                 await admin.close()
-        missing = [t for t in self.input_topics if t not in present]
+
+    async def _discover(self) -> dict[str, list[str]]:
+        """The tenant topics each agent reads: every tenant's, as the broker lists them now."""
+        present = await self._list_topics()
+        topics = self.settings.topics
+        missing = [t for t in topics.all() if t not in present]
         if missing:
             raise ProcessorsError(
                 f"missing topics {', '.join(missing)}: run `ragbus up` or `ragbus topics declare`"
             )
+        found = tenant_inputs(topics, present)
+        empty = [AGENT_SUFFIXES[agent] for agent, names in found.items() if not names]
+        if empty:
+            raise ProcessorsError(
+                f"no tenant has a {', '.join(empty)} topic under {topics.prefix}: add one with "
+                "`ragbus tenants add NAME` (or `ragbus up`, which declares the default tenant's)"
+            )
+        return found
+
+    async def refresh_tenants(self) -> bool:
+        """Serve the tenants added since the last look (their topics join the agents' topics, and
+        the consumer group rebalances); True when the set changed. A topic that went away is
+        dropped as well."""
+        assert self.app is not None
+        try:
+            present = await self._list_topics()
+        except ProcessorsError as e:
+            log.warning("tenant topics not refreshed: %s", e)
+            return False
+        changed = False
+        for agent, names in tenant_inputs(self.settings.topics, present).items():
+            if self.app.set_agent_topics(agent, names):
+                added = sorted(set(names) - set(self.inputs.get(agent, ())))
+                gone = sorted(set(self.inputs.get(agent, ())) - set(names))
+                log.info(
+                    "%s: now reading %d tenant topics (new: %s; gone: %s)",
+                    agent,
+                    len(names),
+                    ", ".join(added) or "none",
+                    ", ".join(gone) or "none",
+                )
+                self.inputs[agent] = names
+                changed = True
+            elif names and self.app.unsubscribed(names):
+                self.app.resubscribe()  # a change flagged during a rebalance: faust dropped it
+        return changed
 
     def _generation(self) -> int | None:
         return self.app.consumer_generation_id if self.app is not None else None
@@ -212,8 +271,12 @@ class Processors:
     async def _watch(self, stop: asyncio.Event) -> None:
         assert self.app is not None and self.publisher.failed is not None
         stopping = asyncio.ensure_future(stop.wait())
+        next_refresh = time.monotonic() + self.settings.tenant_refresh_s
         try:
             while not stop.is_set():
+                if time.monotonic() >= next_refresh:
+                    await self.refresh_tenants()
+                    next_refresh = time.monotonic() + self.settings.tenant_refresh_s
                 await asyncio.wait(
                     [stopping, self.publisher.failed], timeout=1.0, return_when=asyncio.FIRST_COMPLETED
                 )

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from infra.kafka.codec import DecodeError, Output, decode_record
-from infra.kafka.dlq import encode_dead_letter
+from infra.kafka.dlq import encode_dead_letter, tenant_mismatch
 from infra.kafka.publisher import TransactionalPublisher
 from infra.settings import Settings
 from processors.records import RecordView
@@ -141,6 +141,10 @@ class BatchStage(ABC, Generic[E]):
         for i, record in enumerate(records):
             try:
                 event = decode_record(record, self.model, max_bytes=self.max_bytes(record.topic))
+                # The tenant is the topic's (only its principal writes there), never the payload's.
+                mismatch = tenant_mismatch(record.topic, event.tenant_id, self.settings.topic_prefix)
+                if mismatch is not None:
+                    raise mismatch
             except DecodeError as err:
                 batch.outputs[i] = self._give_up(record, err, None)
                 continue

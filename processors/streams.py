@@ -57,9 +57,54 @@ class ReadCommittedTransport(faust_aiokafka.Transport):
     Consumer = ReadCommittedConsumer
 
 
+#: How long faust's conductor waits after a topic change before it resubscribes (its default, 45 s,
+#: coalesces agents starting one by one; our agents start together, and a new tenant should be
+#: served within seconds).
+RESUBSCRIBE_WAIT_S = 1.0
+
+
 class ProcessorsApp(faust.App):
+    """The processors' faust app. An agent reads one input suffix of every tenant: its "topic"
+    (in `build_app`) is the list of those tenants' topics, which `set_agent_topics` changes while
+    the app runs."""
+
+    #: agent name → the faust Topic it was declared with (its iterating clones follow it).
+    agent_topics: dict[str, Any]
+
     def _new_transport(self) -> Any:
         return ReadCommittedTransport(self.conf.broker_consumer, self)
+
+    def set_agent_topics(self, name: str, topics: Sequence[str]) -> bool:
+        """Make agent `name` read exactly `topics` (e.g. after `ragbus tenants add`); True when that
+        changed its topics. faust cannot subscribe by pattern, but a Topic may name several topics
+        and the conductor resubscribes (a rebalance) when the names change."""
+        root = self.agent_topics[name]
+        wanted = sorted(set(topics))
+        if not wanted or sorted(root.topics) == wanted:
+            return False
+        old = set(root.topics)
+        for channel in [root, *self._clones_of(root, old)]:
+            channel.topics = list(wanted)
+        self.topics._flag_changes()  # noqa: SLF001 - faust's only way to ask for a resubscribe
+        return True
+
+    def unsubscribed(self, topics: Sequence[str]) -> list[str]:
+        """Of `topics`, those the consumer is not subscribed to yet (a change flagged while the
+        group was rebalancing is dropped by faust's conductor: flag it again)."""
+        index = self.topics._topic_name_index  # noqa: SLF001 - what the consumer subscribed to
+        return [t for t in topics if t not in index]
+
+    def resubscribe(self) -> None:
+        self.topics._flag_changes()  # noqa: SLF001 - faust's only way to ask for a resubscribe
+
+    def _clones_of(self, root: Any, names: set[str]) -> list[Any]:
+        """The conductor's copies of `root` (the agent iterates a clone, not the declared Topic)."""
+        return [
+            channel
+            for channel in list(self.topics)
+            if channel is not root
+            and (getattr(channel, "_root", None) is root or set(getattr(channel, "topics", ())) == names)
+        ]
 
 
 def _credentials(settings: Settings) -> Any:
@@ -82,7 +127,7 @@ def build_app(
     settings: Settings,
     *,
     group_id: str,
-    agents: dict[str, tuple[str, int, float, BatchHandler]],
+    agents: dict[str, tuple[Sequence[str], int, float, BatchHandler]],
     on_revoked: RebalanceHandler,
     on_assigned: RebalanceHandler,
 ) -> ProcessorsApp:
@@ -119,8 +164,11 @@ def build_app(
     async def _assigned(sender: Any, assigned: set[Any], **kwargs: Any) -> None:
         await on_assigned({TopicPartition(tp.topic, tp.partition) for tp in assigned})
 
-    for name, (topic_name, max_batch, within, handler) in agents.items():
-        topic = app.topic(topic_name, key_serializer="raw", value_serializer="raw", acks=False)
+    app.topics._resubscribe_sleep_lock_seconds = RESUBSCRIBE_WAIT_S  # noqa: SLF001 - no setting for it
+    app.agent_topics = {}
+    for name, (topic_names, max_batch, within, handler) in agents.items():
+        topic = app.topic(*topic_names, key_serializer="raw", value_serializer="raw", acks=False)
+        app.agent_topics[name] = topic
         app.agent(topic, name=name, supervisor_strategy=CrashingSupervisor)(
             _agent(name, max_batch, within, handler)
         )

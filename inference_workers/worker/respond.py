@@ -18,6 +18,12 @@ from schemas import (
 )
 
 
+def reply_topic(topics: Topics, enriched: EnrichedRequest) -> str:
+    """The responses topic of the request's tenant. `*.enriched` is written only by ragbus's
+    processors, which set its tenant from the topic the request came in on, so it is trusted."""
+    return topics.tenant(enriched.tenant_id).responses(enriched.lane)
+
+
 def ms_since(start: datetime) -> float:
     return max(0.0, (time.time() - start.timestamp()) * 1000.0)
 
@@ -67,7 +73,7 @@ def answer(
         job_id=req.job_id,
         custom_id=req.custom_id,
     )
-    return topics.responses(enriched.lane), encode(response)
+    return reply_topic(topics, enriched), encode(response)
 
 
 def error(
@@ -91,4 +97,4 @@ def error(
         job_id=req.job_id,
         custom_id=req.custom_id,
     )
-    return topics.responses(enriched.lane), encode(response)
+    return reply_topic(topics, enriched), encode(response)

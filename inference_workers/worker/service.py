@@ -36,6 +36,8 @@ from inference_workers.worker.answer import Answerer
 from inference_workers.worker.intake import Intake, Pending, Rebalance
 from infra.kafka.clients import make_consumer, make_producer, transactional_id
 from infra.kafka.codec import Encoded, Output, encode
+from infra.kafka.directory import TopicDirectory
+from infra.kafka.dlq import UnknownTenant, encode_dead_letter
 from infra.kafka.publisher import TransactionalPublisher
 from infra.settings import Settings
 from infra.telemetry import reinject_headers, start_span_from_headers, tracing_enabled
@@ -88,6 +90,8 @@ class InferenceWorker:
             client_id=COMPONENT,
         )
         self._tokens: AIOKafkaProducer | None = None
+        #: Which tenants' reply topics exist (answers name their tenant's topics).
+        self.directory = TopicDirectory(settings)
         self._token_queue: asyncio.Queue[TokenChunk | None] = asyncio.Queue()
         self.intake: Intake | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -104,6 +108,7 @@ class InferenceWorker:
         self._tokens = make_producer(s, client_id=f"{COMPONENT}-tokens", linger_ms=0)
         self._consumer = make_consumer(s, group_id=self.group_id, client_id=COMPONENT)
         await self.publisher.start()  # fences a crashed predecessor before anything is read
+        await self.directory.start()
         await self._tokens.start()
         await self._consumer.start()
         self.intake = Intake(
@@ -131,6 +136,7 @@ class InferenceWorker:
                 with contextlib.suppress(Exception):
                     await client.stop()
         await self.cache.close()
+        await self.directory.close()
         if self._own_router:
             await self.router.close()
 
@@ -199,8 +205,12 @@ class InferenceWorker:
             if chunk is None:
                 return
             try:
+                if not await self.directory.exists(self.topics.tenant(chunk.tenant_id).tokens):
+                    continue  # no such tenant (its answer is dead-lettered): waiting would stall the rest
                 enc = encode(chunk)
-                await self._tokens.send(self.topics.tokens, enc.value, key=enc.key, headers=enc.headers)
+                await self._tokens.send(
+                    self.topics.tenant(chunk.tenant_id).tokens, enc.value, key=enc.key, headers=enc.headers
+                )
                 self.stats.tokens_out += 1
             except KafkaError as e:  # tokens are best-effort; the final response carries the answer
                 log.warning("token chunk for %s not sent: %s", chunk.request_id, e)
@@ -228,7 +238,7 @@ class InferenceWorker:
         PublishError when the answers cannot be committed (the worker then stops)."""
         started = time.time()
         spans = self._open_spans(items) if tracing_enabled() else {}
-        outputs = await self.answerer.answer(items, started)
+        outputs = await self._routable(items, await self.answerer.answer(items, started))
         elapsed = time.time() - started
         self.stats.longest_batch_s = max(self.stats.longest_batch_s, elapsed)
         self.stats.batch_sizes.append(len(items))
@@ -248,6 +258,25 @@ class InferenceWorker:
             lanes["bulk"],
             elapsed * 1000,
         )
+
+    async def _routable(self, items: list[Pending], outputs: list[list[Output]]) -> list[list[Output]]:
+        """`outputs` without those for topics that do not exist (a tenant without topics: a send
+        there would stall the transaction and every retry); such a request is dead-lettered
+        (`unknown_tenant`) instead of answered."""
+        routed: list[list[Output]] = []
+        for p, outs in zip(items, outputs, strict=True):
+            kept = [out for out in outs if await self.directory.exists(out[0])]
+            if len(kept) < len(outs):
+                missing = sorted({topic for topic, _ in outs} - {topic for topic, _ in kept})
+                log.warning("no topic %s: %s/%d@%d", ", ".join(missing), *_coords(p.record))
+                if not any(topic.endswith(".dlq") for topic, _ in kept):
+                    error = UnknownTenant(
+                        f"no topic {', '.join(missing)}: the tenant has no topics (never added, or "
+                        "removed); add it with `ragbus tenants add`"
+                    )
+                    kept.append(encode_dead_letter(p.record, error, stage=self.group_id))
+            routed.append(kept)
+        return routed
 
     def _emit_token(self, chunk: TokenChunk) -> None:
         """Queue a streamed chunk for the token task (engines call this from their threads)."""
@@ -278,6 +307,10 @@ def _traced(out: Output, spans: dict[bytes, Any]) -> Output:
     if span is None:
         return out
     return topic, Encoded(enc.key, enc.value, reinject_headers(enc.headers, span))
+
+
+def _coords(record: Any) -> tuple[str, int, int]:
+    return record.topic, record.partition, record.offset
 
 
 def _mtime(path: Any) -> float | None:

@@ -33,7 +33,8 @@ class RecordLike(Protocol):
 class DecodeError(ValueError):
     """Why bytes are not a valid event: `error_class` is one of
     unreadable, empty, too_large, invalid_utf8, not_json, wrong_event_type, unsupported_version,
-    schema_validation."""
+    schema_validation; or tenant_mismatch (a valid event on another tenant's topic:
+    `infra.kafka.dlq.tenant_mismatch`)."""
 
     def __init__(self, error_class: str, message: str) -> None:
         super().__init__(f"{error_class}: {message}")

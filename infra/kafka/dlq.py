@@ -15,13 +15,37 @@ from typing import Any
 
 from infra.kafka.codec import DecodeError, Encoded, RecordLike, encode, salvage_envelope
 from schemas import ChatResponse, DeadLetter, ErrorCode, ErrorInfo, KafkaHeader, Topics, limits
-from schemas.topics import dlq_name, max_message_bytes
+from schemas.topics import check_tenant, dlq_name, max_message_bytes, split_tenant_topic
 
 log = logging.getLogger(__name__)
 
 #: Per-event failures that are not decode errors carry this class unless the exception names its
 #: own (an `error_class` attribute, e.g. `parse_timeout`).
 PROCESSING = "processing"
+#: A request whose payload names another tenant than the topic it was read from (the topic, which
+#: only its tenant's principal may write, is who sent it).
+TENANT_MISMATCH = "tenant_mismatch"
+#: An internal event naming a tenant that has no reply topics (removed, or never added).
+UNKNOWN_TENANT = "unknown_tenant"
+
+
+class UnknownTenant(RuntimeError):
+    """The reply topics an event names do not exist: its answer would reach nobody."""
+
+    error_class = UNKNOWN_TENANT
+
+
+def tenant_mismatch(topic: str, claimed: str, prefix: str) -> DecodeError | None:
+    """Why an event read from tenant topic `topic` must be rejected when its payload claims tenant
+    `claimed`, or None when they agree (or `topic` is not a tenant topic)."""
+    split = split_tenant_topic(topic, prefix)
+    if split is None or split[0] == claimed:
+        return None
+    return DecodeError(
+        TENANT_MISMATCH,
+        f"tenant_id {limits.cut(claimed, limits.TENANT_ID_MAX)!r} differs from the tenant of the topic "
+        f"it was sent on ({split[0]!r}); send each tenant's requests on its own topics",
+    )
 
 
 def error_class(error: BaseException) -> str:
@@ -53,9 +77,10 @@ def _full_dead_letter(record: RecordLike, error: BaseException, *, stage: str) -
     key, key_cut = _bounded(record.key, limits.DEAD_LETTER_KEY_MAX)
     headers, headers_cut = _headers(record.headers)
     lane = env.get("lane")
+    split = split_tenant_topic(record.topic)  # a tenant topic's sender is its tenant
     return DeadLetter(
         request_id=limits.cut(env.get("request_id") or _coord_id(record), limits.REQUEST_ID_MAX),
-        tenant_id=limits.cut(env.get("tenant_id") or "unknown", limits.TENANT_ID_MAX),
+        tenant_id=split[0] if split else limits.cut(env.get("tenant_id") or "unknown", limits.TENANT_ID_MAX),
         user_id=limits.cut(env.get("user_id") or "anonymous", limits.USER_ID_MAX),
         lane=lane if lane in ("chat", "bulk") else "chat",  # type: ignore[arg-type]
         source_topic=record.topic,
@@ -148,20 +173,38 @@ def routable(env: dict[str, str]) -> bool:
     )
 
 
+def reply_tenant(topic: str, env: dict[str, str], prefix: str) -> str | None:
+    """Whom a reply about a record of `topic` goes to: the tenant owning the topic (whatever the
+    payload claims: a reply must never reach a tenant chosen by the bytes); for an internal topic,
+    written only by ragbus's components, the tenant its payload names. None: nobody."""
+    split = split_tenant_topic(topic, prefix)
+    tenant = split[0] if split is not None else env.get("tenant_id")
+    try:
+        return check_tenant(tenant) if tenant is not None else None
+    except ValueError:
+        return None
+
+
 def rejection_response(
     record: RecordLike, error: BaseException, *, topics: Topics, code: ErrorCode = ErrorCode.INVALID_REQUEST
 ) -> tuple[str, Encoded] | None:
-    """An error ChatResponse for the requester of a rejected request, or None when the bytes
-    name no request (no request_id and tenant_id within the contract to route the answer by).
-    Never raises."""
+    """An error ChatResponse for the requester of a rejected request, on the responses topic of
+    the tenant that sent it (`reply_tenant`), or None when the bytes name no request (no
+    request_id within the contract to route the answer by). Never raises."""
     try:
         env = salvage_envelope(record.value)
-        if not routable(env):
+        split = split_tenant_topic(record.topic, topics.prefix)
+        tenant = reply_tenant(record.topic, env, topics.prefix)
+        if tenant is None or not routable(env | {"tenant_id": tenant}):
             return None
-        lane: Any = env.get("lane", "bulk" if ".bulk." in record.topic else "chat")
+        lane: Any
+        if split is not None:  # the lane of the topic it came from, not the one the bytes claim
+            lane = "bulk" if split[1].startswith("bulk.") else "chat"
+        else:
+            lane = env.get("lane", "bulk" if ".bulk." in record.topic else "chat")
         response = ChatResponse(
             request_id=env["request_id"],
-            tenant_id=env["tenant_id"],
+            tenant_id=tenant,
             user_id=limits.cut(env.get("user_id", "anonymous"), limits.USER_ID_MAX),
             lane=lane,
             finish_reason="error",
@@ -173,7 +216,7 @@ def rejection_response(
             custom_id=_optional_cut(env.get("custom_id"), limits.CUSTOM_ID_MAX),
             conversation_id=_optional_cut(env.get("conversation_id"), limits.CONVERSATION_ID_MAX),
         )
-        return topics.responses(lane), encode(response)
+        return topics.tenant(tenant).responses(lane), encode(response)
     except Exception:  # noqa: BLE001 - e.g. a tenant_id that breaks the contract's pattern: no reply
         log.debug("no rejection response for %s/%s@%s", *_coords(record))
         return None

@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 
 from infra.kafka.codec import Encoded, Output, encode, salvage_envelope
-from infra.kafka.dlq import rejection_reason, routable
+from infra.kafka.dlq import rejection_reason, reply_tenant, routable
 from infra.kafka.publisher import TransactionalPublisher
 from infra.settings import Settings
 from processors.chunking import Chunk, Chunker
@@ -81,13 +81,16 @@ class IngestStage(BatchStage[DocumentIngest]):
             min(settings.chunk_tokens, embedder.max_tokens),
             min(settings.chunk_overlap_tokens, min(settings.chunk_tokens, embedder.max_tokens) // 2),
         )
-        self.results_topic = settings.topics.docs_ingested
         self.parser = ParsePool(
             workers=settings.parse_workers,
             timeout_s=settings.parse_timeout_s,
             memory_mb=settings.parse_memory_mb,
             max_text_chars=settings.parse_max_text_chars,
         )
+
+    def results_topic(self, tenant: str) -> str:
+        """Where `tenant`'s IngestResults go: its own docs.ingested topic."""
+        return self.settings.topics.tenant(tenant).docs_ingested
 
     async def close(self) -> None:
         """Stop the parser processes."""
@@ -154,7 +157,9 @@ class IngestStage(BatchStage[DocumentIngest]):
         results: list[Result] = []
         row = 0
         for item, prep in zip(batch, embedded.docs, strict=True):
-            doc = item.event
+            # Stored under, and answered to, the tenant of the topic (`_decode` rejected payloads
+            # naming another): only that tenant's principal may write its docs.ingest topic.
+            doc = item.event.model_copy(update={"tenant_id": item.record.tenant(self.settings.topic_prefix)})
             if isinstance(prep, BaseException):
                 results.append(prep)
                 continue
@@ -232,32 +237,36 @@ class IngestStage(BatchStage[DocumentIngest]):
             timings=timings,
             error=error,
         )
-        return self.results_topic, encode(result)
+        return self.results_topic(doc.tenant_id), encode(result)
 
     def reject(self, record: RecordView, error: BaseException, event: DocumentIngest | None) -> list[Output]:
         out = [self.dead_letter(record, error)]
         if event is not None:
+            event = event.model_copy(update={"tenant_id": record.tenant(self.settings.topic_prefix)})
             info = ErrorInfo(
                 code=ErrorCode.INGEST_ERROR, message=limits.cut(str(error), 2000) or type(error).__name__
             )
             out.append(self._result(event, "error", 0, IngestTimings(), time.perf_counter(), info))
             return out
-        salvaged = _salvage_result(record, error)
+        salvaged = _salvage_result(record, error, self.settings.topic_prefix)
         if salvaged is not None:
-            out.append((self.results_topic, salvaged))
+            tenant, encoded = salvaged
+            out.append((self.results_topic(tenant), encoded))
         return out
 
 
-def _salvage_result(record: RecordView, error: BaseException) -> Encoded | None:
-    """An error IngestResult for an undecodable DocumentIngest whose bytes still name one."""
+def _salvage_result(record: RecordView, error: BaseException, prefix: str) -> tuple[str, Encoded] | None:
+    """(tenant, error IngestResult) for an undecodable DocumentIngest whose bytes still name one;
+    the tenant is the topic's, never the one the bytes claim."""
     env = salvage_envelope(record.value)
     doc_id, op = _doc_fields(record.value)
-    if not routable(env) or doc_id is None:
+    tenant = reply_tenant(record.topic, env, prefix)
+    if tenant is None or not routable(env | {"tenant_id": tenant}) or doc_id is None:
         return None
     try:
         result = IngestResult(
             request_id=env["request_id"],
-            tenant_id=env["tenant_id"],
+            tenant_id=tenant,
             user_id=env.get("user_id", "anonymous"),
             doc_id=doc_id,
             op=op,
@@ -269,7 +278,7 @@ def _salvage_result(record: RecordView, error: BaseException) -> Encoded | None:
         )
     except ValueError:
         return None
-    return encode(result)
+    return tenant, encode(result)
 
 
 def _doc_fields(value: bytes | None) -> tuple[str | None, Literal["upsert", "delete"]]:

@@ -81,7 +81,13 @@ class RetrievalStage(BatchStage[ChatRequest]):
         self.store = store
         self.priority = Priority.CHAT if lane == "chat" else Priority.BULK
         self.enriched_topic = settings.topics.enriched(lane)
-        self.responses_topic = settings.topics.responses(lane)
+
+    def tenant(self, item: Incoming[ChatRequest]) -> str:
+        """The requester's tenant: its topic's (the stage already rejected payloads that differ)."""
+        return item.record.tenant(self.settings.topic_prefix)
+
+    def responses_topic(self, tenant: str) -> str:
+        return self.settings.topics.tenant(tenant).responses(self.lane)
 
     async def prepare(self, batch: list[Incoming[ChatRequest]]) -> _Prepared:
         """Sort the batch out and embed its questions (one model call)."""
@@ -114,7 +120,7 @@ class RetrievalStage(BatchStage[ChatRequest]):
         """Search Milvus (one batched call per tenant) and build each request's output."""
         results: list[Result] = [RuntimeError("not processed")] * len(batch)
         for i in prep.expired:
-            results[i] = [self._deadline_response(batch[i].event)]
+            results[i] = [self._deadline_response(batch[i])]
         for i in prep.no_retrieval:
             results[i] = [self._enriched(batch[i], [], self._timings(batch[i], prep))]
         queries, vectors = prep.queries, prep.vectors
@@ -125,7 +131,7 @@ class RetrievalStage(BatchStage[ChatRequest]):
 
         groups: dict[tuple[str, bool], list[int]] = defaultdict(list)
         for row, q in enumerate(queries):
-            groups[(q.request.tenant_id, q.hybrid)].append(row)
+            groups[(self.tenant(batch[q.position]), q.hybrid)].append(row)
         for (tenant, hybrid), rows in groups.items():
             limit = max(queries[r].top_k for r in rows)
             search_started = time.perf_counter()
@@ -180,8 +186,9 @@ class RetrievalStage(BatchStage[ChatRequest]):
             )
             for h in hits
         ]
+        envelope = req.envelope() | {"tenant_id": self.tenant(item)}  # the worker replies to it
         enriched = EnrichedRequest(
-            **req.envelope(), request=req, chunks=chunks, no_context=not chunks, timings=timings
+            **envelope, request=req, chunks=chunks, no_context=not chunks, timings=timings
         )
         key = item.record.key_text or req.request_id
         if not tracing_enabled():
@@ -198,14 +205,17 @@ class RetrievalStage(BatchStage[ChatRequest]):
         ):
             return self.enriched_topic, encode(enriched, key=key)
 
-    def _deadline_response(self, req: ChatRequest) -> Output:
-        return self.responses_topic, encode(
-            self._error_response(req, ErrorCode.DEADLINE_EXCEEDED, "the deadline passed before retrieval")
+    def _deadline_response(self, item: Incoming[ChatRequest]) -> Output:
+        tenant = self.tenant(item)
+        return self.responses_topic(tenant), encode(
+            self._error_response(
+                item.event, tenant, ErrorCode.DEADLINE_EXCEEDED, "the deadline passed before retrieval"
+            )
         )
 
-    def _error_response(self, req: ChatRequest, code: ErrorCode, message: str) -> ChatResponse:
+    def _error_response(self, req: ChatRequest, tenant: str, code: ErrorCode, message: str) -> ChatResponse:
         return ChatResponse(
-            **req.envelope(),
+            **(req.envelope() | {"tenant_id": tenant}),
             finish_reason="error",
             error=ErrorInfo(code=code, message=message[:2000]),
             conversation_id=req.conversation_id,
@@ -228,5 +238,6 @@ class RetrievalStage(BatchStage[ChatRequest]):
                 ErrorCode.INTERNAL_ERROR,
                 f"the retrieval processor failed: {type(error).__name__}",
             )
-        out.append((self.responses_topic, encode(self._error_response(event, code, message))))
+        tenant = record.tenant(self.settings.topic_prefix)
+        out.append((self.responses_topic(tenant), encode(self._error_response(event, tenant, code, message))))
         return out

@@ -27,7 +27,7 @@ import orjson
 
 from infra.kafka.codec import RecordLike, header
 from schemas.headers import EVENT_TYPE_HEADER, TRACEPARENT_HEADER
-from schemas.topics import DLQ_SUFFIX, spec_for_topic
+from schemas.topics import DLQ_SUFFIX, spec_for_topic, tenant_of
 from sinks.audit.crypto import Keyring, seal
 
 #: Column order of a row (the staging table and COPY use it).
@@ -275,7 +275,9 @@ class RowMapper:
             event_type,
             _text(obj.get("event_id")),
             _text(obj.get("request_id")),
-            _text(obj.get("tenant_id")),
+            # A tenant topic's records come from (or go to) its tenant, whatever the payload says;
+            # internal topics are written only by ragbus's components.
+            tenant_of(record.topic, self.prefix) or _text(obj.get("tenant_id")),
             _text(obj.get("user_id")),
             _text(obj.get("lane")),
             trace_id_of(header(record.headers, TRACEPARENT_HEADER)),
@@ -310,7 +312,7 @@ class RowMapper:
             event_type,
             None,
             None,
-            None,
+            tenant_of(record.topic, self.prefix),
             None,
             None,
             trace_id_of(header(record.headers, TRACEPARENT_HEADER)),

@@ -81,14 +81,16 @@ async def row_count(dsn: str) -> int:
 
 
 def mixed_event(settings: Settings, rng: random.Random, n: int) -> tuple[str, Encoded | bytes]:
-    """One event for a random declared topic, or (1 in 10) garbage bytes for a requests topic."""
-    t = settings.topics
+    """One event for a random declared topic (a tenant topic of a test tenant, the event naming that
+    tenant), or (1 in 10) garbage bytes for a requests topic."""
+    tenant = rng.choice(["acme", "t"])
+    t = settings.topics.tenant(tenant)
     if rng.random() < 0.1:
         return t.requests(rng.choice(["chat", "bulk"])), rng.choice(
             [b"\xff\xfe not utf-8", b"not json {", b"[1, 2]", b'{"question": "no tenant"}']
         )
     kind = rng.random()
-    env = {"tenant_id": rng.choice(["acme", "globex"]), "user_id": f"u{n % 7}", "request_id": f"r{n}"}
+    env = {"tenant_id": tenant, "user_id": f"u{n % 7}", "request_id": f"r{n}"}
     if kind < 0.3:
         return t.requests("chat"), encode(ChatRequest(question=f"question {n}", client_ip="10.0.0.1", **env))
     if kind < 0.5:
@@ -97,7 +99,8 @@ def mixed_event(settings: Settings, rng: random.Random, n: int) -> tuple[str, En
     if kind < 0.7:
         return t.tokens, encode(TokenChunk(index=n % 5, text="tok", **env))
     spec = rng.choice(TOPICS)
-    return spec.name(settings.topic_prefix), encode(sample_event(spec.event, f"r{n}"))
+    event = sample_event(spec.event, f"r{n}").model_copy(update={"tenant_id": tenant})
+    return spec.name(settings.topic_prefix, tenant if spec.per_tenant else None), encode(event)
 
 
 async def send(producer: Any, topic: str, item: Encoded | bytes) -> Any:

@@ -109,8 +109,16 @@ async def collect(
 
 
 async def ingest(settings: Settings, events: Sequence[DocumentIngest]) -> dict[str, IngestResult]:
-    await produce(settings, settings.topics.docs_ingest, events)
+    """Each event on its tenant's docs.ingest topic; their results from those tenants' docs.ingested."""
+    tenants = sorted({e.tenant_id for e in events})
+    for tenant in tenants:
+        await produce(
+            settings, settings.topics.tenant(tenant).docs_ingest, [e for e in events if e.tenant_id == tenant]
+        )
     results = await collect(
-        settings, [settings.topics.docs_ingested], IngestResult, [e.request_id for e in events]
+        settings,
+        [settings.topics.tenant(t).docs_ingested for t in tenants],
+        IngestResult,
+        [e.request_id for e in events],
     )
     return {e.request_id: results[e.request_id] for e in events}

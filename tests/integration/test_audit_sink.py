@@ -33,7 +33,8 @@ from tests.integration.audit_support import audit_coords, mixed_event, readable_
 async def _echo_with_garbage(settings: Settings) -> None:
     """Answers and dead letters published by the components' transactional publisher: answers in
     Kafka transactions with the consumed offsets, garbage to the DLQ."""
-    requests, responses = settings.topics.requests("chat"), settings.topics.responses("chat")
+    acme = settings.topics.tenant("acme")
+    requests, responses = acme.requests("chat"), acme.responses("chat")
     producer = make_producer(settings)
     await producer.start()
     try:
@@ -212,7 +213,7 @@ SECRET = "the vault code is pineapple-42"
 
 
 async def _produce_secrets(settings: Settings, request_id: str, *, with_garbage: bool) -> int:
-    t = settings.topics
+    t = settings.topics.tenant("acme")
     env = {"tenant_id": "acme", "user_id": "alice", "request_id": request_id}
     req = ChatRequest(question=f"{SECRET} ({request_id})", client_ip="203.0.113.9", **env)
     items: list[tuple[str, Any]] = [
@@ -234,7 +235,7 @@ async def _produce_secrets(settings: Settings, request_id: str, *, with_garbage:
             stage="test",
             **env,
         )
-        items.append((t.dlq(t.requests("chat")), encode(letter)))
+        items.append((settings.topics.dlq(t.requests("chat")), encode(letter)))
     producer = make_producer(settings)
     await producer.start()
     try:

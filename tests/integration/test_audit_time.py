@@ -83,7 +83,7 @@ async def _first_records(settings: Settings, topic: str, n: int) -> list[Any]:
 
 async def test_declare_moves_an_existing_topic_to_the_brokers_clock(base_settings: Settings) -> None:
     s = base_settings
-    requests = s.topics.requests("chat")
+    requests = s.topics.tenant("acme").requests("chat")
     # As an older ragbus (or an operator) left it: the producer's time, a shorter retention, and an
     # override of the operator's own that the declaration does not name.
     await _create(
@@ -93,7 +93,7 @@ async def test_declare_moves_an_existing_topic_to_the_brokers_clock(base_setting
     )
     await _send_at(s, requests, [(b"before", EPOCH_MS)])
 
-    first = await declare_topics(s)
+    first = await declare_topics(s, tenants=["acme"])
     assert requests in first.existing and len(first.created) == len(TOPICS) - 1
     declared = spec("chat.requests").configs()
     # Everything declared that differed (cleanup.policy was already the default "delete").
@@ -102,9 +102,9 @@ async def test_declare_moves_an_existing_topic_to_the_brokers_clock(base_setting
     assert configs["message.timestamp.type"] == "LogAppendTime"
     assert configs["retention.ms"] == str(spec("chat.requests").retention_ms)
     assert configs["segment.ms"] == "7200000"  # incremental: what was not declared is kept
-    for name in (s.topics.dlq(requests), s.topics.tokens):  # created ones carry it too, DLQs included
+    for name in (s.topics.dlq(requests), s.topics.tenant("acme").tokens):  # created ones too, DLQs included
         assert (await _topic_configs(s, name))["message.timestamp.type"] == "LogAppendTime"
-    assert (await declare_topics(s)).reconfigured == {}  # idempotent
+    assert (await declare_topics(s, tenants=["acme"])).reconfigured == {}  # idempotent
 
     before = datetime.now(UTC) - timedelta(seconds=5)
     await _send_at(s, requests, [(b"after", EPOCH_MS), (b"future", YEAR_2999_MS)])
@@ -130,7 +130,7 @@ async def _partitions(dsn: str) -> list[str]:
 
 
 async def test_hostile_producer_times_land_at_now(settings: Settings) -> None:
-    requests = settings.topics.requests("chat")
+    requests = settings.topics.tenant("acme").requests("chat")
     # A topic this ragbus did not declare, still on the producer's clock and (like brokers before
     # Kafka 4.0) accepting any producer time: the sink's receive time has to stand in.
     legacy = f"{settings.topic_prefix}.models.updates"

@@ -7,9 +7,12 @@ JSON, random bytes, empty values) — go onto every topic a component consumes, 
 processors, worker and audit sink run as the processes a user starts. Afterwards:
 
 - every component is still the same process;
-- every record that does not decode is on its topic's DLQ with the decode error's class;
+- every record that does not decode is on its topic's DLQ with the decode error's class, and
+  so is every valid request on a tenant's topic whose payload names another tenant
+  (`tenant_mismatch`) and every enriched request naming a tenant without topics
+  (`unknown_tenant`);
 - every request that named a request id (within the contract) got a response, and every
-  document that named one got an IngestResult;
+  document that named one got an IngestResult, on the topics of the tenant it came from;
 - every record has its audit row;
 - a normal document and question are then answered.
 
@@ -23,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from hypothesis import strategies as st
 
 from infra.kafka.clients import make_consumer, make_producer
 from infra.kafka.codec import DecodeError, decode, decode_record, salvage_envelope
+from infra.kafka.dlq import TENANT_MISMATCH, UNKNOWN_TENANT
 from infra.settings import Settings
 from schemas import (
     EVENT_TYPE_HEADER,
@@ -50,6 +53,8 @@ from schemas import (
     spec_for_topic,
 )
 from schemas.export import JSON_DIR
+from schemas.topics import dlq_name, spec
+from tests.conftest import TEST_TENANTS
 from tests.helpers import read_events, read_topic, run_ragbus, wait_for
 from tests.integration.audit_support import audit_coords
 from tests.integration.pipeline_support import Pipeline, pipeline_settings, running_pipeline
@@ -120,6 +125,8 @@ def _valid(event: type[Any]) -> st.SearchStrategy[dict[str, Any]]:
 
 def _cheap(obj: dict[str, Any]) -> dict[str, Any]:
     obj = dict(obj)
+    if "tenant_id" in obj:  # mostly the tenant of the topic (mutations draw others)
+        obj["tenant_id"] = TENANT
     if "question" in obj or "request" in obj:
         obj["deadline"] = PAST
     if "doc_id" in obj and obj.get("op") == "upsert" and obj.get("text") is not None:
@@ -166,9 +173,7 @@ def _raw(value: bytes) -> st.SearchStrategy[bytes | None]:
 
 
 def _oversize(suffix: str) -> bytes:
-    spec = spec_for_topic(f"p.{suffix}", "p")
-    assert spec is not None
-    pad = "x" * (spec.max_event_bytes + 1)
+    pad = "x" * (spec(suffix).max_event_bytes + 1)
     return json.dumps({"request_id": "big", "tenant_id": TENANT, "question": pad}).encode()
 
 
@@ -253,13 +258,20 @@ async def pipeline(
         yield p
 
 
-def _named(value: bytes | None, *, doc: bool) -> str | None:
-    """The request id a requester can be answered by, when the bytes name one within the contract."""
+def topic_of(s: Settings, suffix: str) -> str:
+    """The topic of `suffix` the draws go to: TENANT's for a tenant topic, else the shared one."""
+    return spec(suffix).name(s.topic_prefix, TENANT if spec(suffix).per_tenant else None)
+
+
+def _named(value: bytes | None, *, doc: bool, tenant_topic: bool) -> str | None:
+    """The request id a requester can be answered by, when the bytes name one within the contract:
+    on a tenant topic the reply goes to that topic's tenant whatever the bytes claim; from an
+    internal topic, to the tenant the bytes name when it has topics."""
     env = salvage_envelope(value)
     rid, tenant = env.get("request_id"), env.get("tenant_id")
-    if rid is None or tenant is None or len(rid) > limits.REQUEST_ID_MAX:
+    if rid is None or len(rid) > limits.REQUEST_ID_MAX:
         return None
-    if len(tenant) > limits.TENANT_ID_MAX or not re.fullmatch(limits.TENANT_ID_PATTERN, tenant):
+    if not tenant_topic and tenant not in TEST_TENANTS:
         return None
     if doc:
         try:
@@ -281,8 +293,9 @@ async def test_hostile_records_never_stop_a_component(pipeline: Pipeline) -> Non
     await producer.start()
     try:
         for d in draws:
-            topic = f"{s.topic_prefix}.{d.suffix}"
-            meta = await producer.send_and_wait(topic, d.value, key=d.key, headers=list(d.headers))
+            topic = topic_of(s, d.suffix)
+            key = d.key if d.key is not None or d.value is not None else b"k"  # aiokafka needs one of them
+            meta = await producer.send_and_wait(topic, d.value, key=key, headers=list(d.headers))
             produced.append((d, topic, meta.partition, meta.offset))
     finally:
         await producer.stop()
@@ -290,7 +303,7 @@ async def test_hostile_records_never_stop_a_component(pipeline: Pipeline) -> Non
     # A record the Kafka client itself cannot parse (a header key that is not UTF-8): aiokafka's
     # producer cannot write one, kcat can.
     for suffix in CONSUMED:
-        topic = f"{s.topic_prefix}.{suffix}"
+        topic = topic_of(s, suffix)
         offset = await _produce_with_kcat(
             s, topic, b"\xff\xfe=v", b'{"request_id": "u", "tenant_id": "acme"}'
         )
@@ -303,13 +316,20 @@ async def test_hostile_records_never_stop_a_component(pipeline: Pipeline) -> Non
     for d, topic, partition, offset in produced:
         if d.suffix not in CONSUMED:
             continue
-        spec = spec_for_topic(topic, s.topic_prefix)
-        assert spec is not None
+        topic_spec = spec_for_topic(topic, s.topic_prefix)
+        assert topic_spec is not None
         try:
-            decode(d.value, CONSUMED[d.suffix], max_bytes=spec.max_event_bytes, headers=list(d.headers))
+            event = decode(
+                d.value, CONSUMED[d.suffix], max_bytes=topic_spec.max_event_bytes, headers=list(d.headers)
+            )
         except DecodeError as e:
             want_dlq[(topic, partition, offset)] = e.error_class
-        named = _named(d.value, doc=d.suffix == "docs.ingest")
+        else:
+            if topic_spec.per_tenant and event.tenant_id != TENANT:
+                want_dlq[(topic, partition, offset)] = TENANT_MISMATCH
+            elif not topic_spec.per_tenant and event.tenant_id not in TEST_TENANTS:
+                want_dlq[(topic, partition, offset)] = UNKNOWN_TENANT
+        named = _named(d.value, doc=d.suffix == "docs.ingest", tenant_topic=topic_spec.per_tenant)
         if named is not None:
             (want_results if d.suffix == "docs.ingest" else want_responses).add(named)
     assert len(want_dlq) > len(produced) // 3, "the draws should be mostly undecodable"
@@ -317,8 +337,7 @@ async def test_hostile_records_never_stop_a_component(pipeline: Pipeline) -> Non
     async def dead_lettered() -> bool:
         got: dict[tuple[str, int, int], str] = {}
         for suffix in CONSUMED:
-            topic = f"{s.topic_prefix}.{suffix}"
-            for letter in await read_events(s, f"{topic}.dlq", DeadLetter):
+            for letter in await read_events(s, dlq_name(topic_of(s, suffix)), DeadLetter):
                 got[(letter.source_topic, letter.source_partition, letter.source_offset)] = letter.error_class
         missing = {k: v for k, v in want_dlq.items() if got.get(k) != v}
         return not missing or (pipeline.assert_alive() or False)
@@ -335,10 +354,11 @@ async def test_hostile_records_never_stop_a_component(pipeline: Pipeline) -> Non
 
     async def answered() -> bool:
         pipeline.assert_alive()
-        ids = set()
-        for lane in ("chat", "bulk"):
-            ids |= await request_ids(s.topics.responses(lane), ChatResponse)
-        results = await request_ids(s.topics.docs_ingested, IngestResult)
+        ids: set[str] = set()
+        for tenant in TEST_TENANTS:  # enriched requests name theirs; the rest are TENANT's
+            for lane in ("chat", "bulk"):
+                ids |= await request_ids(s.topics.tenant(tenant).responses(lane), ChatResponse)
+        results = await request_ids(s.topics.tenant(TENANT).docs_ingested, IngestResult)
         return want_responses <= ids and want_results <= results
 
     await wait_for(answered, timeout=180, interval=2.0, what="a reply to every request that named an id")

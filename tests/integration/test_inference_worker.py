@@ -39,18 +39,22 @@ def make_worker(settings: Settings, engine: LlamaCppEngine, **overrides: object)
 
 
 async def test_answers_from_the_retrieved_context(settings: Settings, engine: LlamaCppEngine) -> None:
+    # Two tenants: every answer goes to its own tenant's topics, and a cached answer to nobody else.
     events = [
-        enriched(q, passage, lane="chat" if i % 2 == 0 else "bulk") for i, (q, passage, _) in enumerate(CASES)
+        enriched(q, passage, lane="chat" if i % 2 == 0 else "bulk", tenant="t" if i % 2 == 0 else "acme")
+        for i, (q, passage, _) in enumerate(CASES)
     ]
-    streamed = enriched(CASES[0][0], CASES[0][1], stream=True)
+    streamed = enriched(CASES[0][0], CASES[0][1], stream=True, tenant="t")
     repeat = enriched(CASES[1][0], CASES[1][1])  # same prompt as events[1]: served from the cache
+    elsewhere = enriched(CASES[1][0], CASES[1][1], tenant="t")  # same prompt, another tenant: not
     await feed(settings, [*events, streamed])
     worker = make_worker(settings, engine)
     async with running(worker):
         ids = {e.request_id for e in [*events, streamed]}
         got = await wait_for(lambda: answered(settings, ids), timeout=180, what="answers")
-        await feed(settings, [repeat])
-        again = await wait_for(lambda: answered(settings, {repeat.request_id}), timeout=60, what="cached")
+        await feed(settings, [repeat, elsewhere])
+        later = {repeat.request_id, elsewhere.request_id}
+        again = await wait_for(lambda: answered(settings, later), timeout=120, what="cached")
 
     for ev, (_, _, expected) in zip(events, CASES, strict=True):
         (r,) = got[ev.request_id]
@@ -67,10 +71,18 @@ async def test_answers_from_the_retrieved_context(settings: Settings, engine: Ll
     (cached,) = again[repeat.request_id]
     assert cached.cached and cached.answer == got[events[1].request_id][0].answer
     assert cached.usage == got[events[1].request_id][0].usage
+    (fresh,) = again[elsewhere.request_id]
+    assert fresh.ok and not fresh.cached and fresh.tenant_id == "t"
 
-    tokens = [t for t in await read_events(settings, settings.topics.tokens, TokenChunk)]
+    for record, r in await responses(settings):
+        assert record.topic == settings.topics.tenant(r.tenant_id).responses(r.lane)
+    assert {r.tenant_id for _, r in await responses(settings)} == {"t", "acme"}
+    assert all(got[e.request_id][0].tenant_id == e.tenant_id for e in events)
+
+    tokens = [t for t in await read_events(settings, settings.topics.tenant("t").tokens, TokenChunk)]
     mine = sorted((t for t in tokens if t.request_id == streamed.request_id), key=lambda t: t.index)
     assert mine and mine[-1].final
+    assert await read_events(settings, settings.topics.tenant("acme").tokens, TokenChunk, timeout=5) == []
     (final,) = got[streamed.request_id]
     assert "".join(t.text for t in mine).strip() == final.answer
 
@@ -83,7 +95,10 @@ async def test_clear_errors_without_touching_the_engine(settings: Settings, engi
     unknown = enriched("Which model?", model="no-such-model")
     huge = enriched("why " * 6000, max_tokens=64)  # ~6000 tokens: over the 2048-token window
     invalid = b'{"request_id": "r-bad", "tenant_id": "acme", "lane": "chat", "request": {"question": ""}}'
-    await feed(settings, [late, unknown, huge], raw=[("chat", invalid)])
+    # A tenant without topics: its answer would stall every transaction, so it is dead-lettered.
+    ghost = enriched("Anyone there?", deadline=past, tenant="ghost")
+    ghost_bytes = b'{"request_id": "r-ghost", "tenant_id": "ghost", "lane": "chat", "request": {}}'
+    await feed(settings, [ghost, late, unknown, huge], raw=[("chat", invalid), ("chat", ghost_bytes)])
     worker = make_worker(settings, engine)
     async with running(worker):
         ids = {late.request_id, unknown.request_id, huge.request_id, "r-bad"}
@@ -96,7 +111,12 @@ async def test_clear_errors_without_touching_the_engine(settings: Settings, engi
     assert got["r-bad"][0].error.code == ErrorCode.INVALID_REQUEST  # type: ignore[union-attr]
     assert all(len(v) == 1 for v in got.values())
     letters = await read_events(settings, settings.topics.dlq(settings.topics.enriched("chat")), DeadLetter)
-    assert [d.error_class for d in letters] == ["schema_validation"]
+    assert sorted((d.error_class, d.request_id) for d in letters) == [
+        ("schema_validation", "r-bad"),
+        ("schema_validation", "r-ghost"),
+        ("unknown_tenant", ghost.request_id),
+    ]
+    assert not {ghost.request_id, "r-ghost"} & {r.request_id for _, r in await responses(settings)}
     assert worker.answerer.stats.answered == 0  # none of them reached the model
 
 

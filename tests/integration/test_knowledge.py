@@ -11,6 +11,7 @@ from datetime import timedelta
 
 import pytest
 
+from infra.kafka.topics import declare_topics
 from infra.settings import Settings
 from processors.service import Processors, ProcessorsError
 from processors.store import ChunkStore
@@ -25,7 +26,7 @@ from schemas import (
     RetrievalOptions,
 )
 from schemas.base import utcnow
-from tests.helpers import read_events, read_topic
+from tests.helpers import read_events, read_topic, wait_for
 from tests.integration.knowledge_corpus import ACME, GLOBEX, QUESTIONS, documents
 from tests.integration.knowledge_support import (
     collect,
@@ -36,16 +37,24 @@ from tests.integration.knowledge_support import (
     shared_model,
 )
 
+#: The corpus's second tenant and one without documents (conftest declares acme's topics).
+EXTRA_TENANTS = (GLOBEX, "initech")
+
 
 @pytest.fixture
-def knowledge_settings(settings: Settings) -> Settings:
+async def knowledge_settings(settings: Settings) -> Settings:
     # Small chunks: the 3 documents of acme make 17 chunks, so "in the top 3" means something.
+    await declare_topics(settings, tenants=EXTRA_TENANTS)
     return settings.model_copy(update={"chunk_tokens": 64, "chunk_overlap_tokens": 16})
 
 
 async def ask(settings: Settings, requests: list[ChatRequest]) -> dict[str, EnrichedRequest]:
-    for lane in ("chat", "bulk"):
-        await produce(settings, settings.topics.requests(lane), [r for r in requests if r.lane == lane])
+    """Each request on its own tenant's and lane's request topic."""
+    for tenant in sorted({r.tenant_id for r in requests}):
+        for lane in ("chat", "bulk"):
+            mine = [r for r in requests if r.lane == lane and r.tenant_id == tenant]
+            if mine:
+                await produce(settings, settings.topics.tenant(tenant).requests(lane), mine)
     topics = [settings.topics.enriched("chat"), settings.topics.enriched("bulk")]
     return await collect(settings, topics, EnrichedRequest, [r.request_id for r in requests])
 
@@ -179,6 +188,7 @@ async def test_reingest_replaces_every_chunk_and_delete_removes_the_document(
 async def test_bad_input_goes_to_the_dlq_and_the_requester_is_told(knowledge_settings: Settings) -> None:
     s = knowledge_settings
     t = s.topics
+    acme = t.tenant(ACME)
     bad_request = json.dumps(
         {"request_id": "r-bad", "tenant_id": ACME, "lane": "chat", "question": ""}
     ).encode()
@@ -191,11 +201,13 @@ async def test_bad_input_goes_to_the_dlq_and_the_requester_is_told(knowledge_set
     bad_doc = json.dumps({"request_id": "d-bad", "tenant_id": ACME, "doc_id": "x", "op": "upsert"}).encode()
     async with running_processors(s):
         security = ingest_event(documents()[1])
-        await produce(s, t.docs_ingest, [broken_pdf, bad_doc, security])
+        await produce(s, acme.docs_ingest, [broken_pdf, bad_doc, security])
         ids = [broken_pdf.request_id, "d-bad", security.request_id]
-        results = await collect(s, [t.docs_ingested], IngestResult, ids)
-        await produce(s, t.requests("chat"), [b"not json at all", bad_request, expired, no_retrieval, fine])
-        responses = await collect(s, [t.responses("chat")], ChatResponse, ["r-bad", expired.request_id])
+        results = await collect(s, [acme.docs_ingested], IngestResult, ids)
+        await produce(
+            s, acme.requests("chat"), [b"not json at all", bad_request, expired, no_retrieval, fine]
+        )
+        responses = await collect(s, [acme.responses("chat")], ChatResponse, ["r-bad", expired.request_id])
         enriched = await collect(
             s, [t.enriched("chat")], EnrichedRequest, [no_retrieval.request_id, fine.request_id]
         )
@@ -214,10 +226,10 @@ async def test_bad_input_goes_to_the_dlq_and_the_requester_is_told(knowledge_set
     assert "PDF" in results[broken_pdf.request_id].error.message  # type: ignore[union-attr]
     assert results["d-bad"].status == "error" and results["d-bad"].doc_id == "x"
 
-    letters = await read_events(s, t.dlq(t.requests("chat")), DeadLetter)
+    letters = await read_events(s, t.dlq(acme.requests("chat")), DeadLetter)
     assert sorted(d.error_class for d in letters) == ["not_json", "schema_validation"]
     assert {d.stage for d in letters} == {f"{s.topic_prefix}.processors.retrieval-chat"}
-    doc_letters = await read_events(s, t.dlq(t.docs_ingest), DeadLetter)
+    doc_letters = await read_events(s, t.dlq(acme.docs_ingest), DeadLetter)
     assert sorted(d.error_class for d in doc_letters) == ["processing", "schema_validation"]
     assert {d.request_id for d in doc_letters} == {broken_pdf.request_id, "d-bad"}
 
@@ -229,12 +241,12 @@ async def test_a_failing_vector_store_answers_with_retrieval_error(knowledge_set
         assert store is not None
         await store.call(store.client.drop_collection, store.collection)  # Milvus now fails every search
         doomed = ChatRequest(tenant_id=ACME, question="How long are backups kept?", lane="bulk", job_id="j1")
-        await produce(s, s.topics.requests("bulk"), [doomed])
-        got = await collect(s, [s.topics.responses("bulk")], ChatResponse, [doomed.request_id])
+        await produce(s, s.topics.tenant(ACME).requests("bulk"), [doomed])
+        got = await collect(s, [s.topics.tenant(ACME).responses("bulk")], ChatResponse, [doomed.request_id])
     response = got[doomed.request_id]
     assert response.error is not None and response.error.code == ErrorCode.RETRIEVAL_ERROR
     assert response.job_id == "j1" and response.lane == "bulk"
-    letters = await read_events(s, s.topics.dlq(s.topics.requests("bulk")), DeadLetter)
+    letters = await read_events(s, s.topics.dlq_of("bulk.requests"), DeadLetter)
     assert [d.request_id for d in letters] == [doomed.request_id]
     assert letters[0].error_class == "processing"
     assert await read_events(s, s.topics.enriched("bulk"), EnrichedRequest) == []
@@ -247,3 +259,79 @@ async def test_a_second_processor_on_the_same_lite_file_refuses_to_start(
         second = Processors(knowledge_settings, model=shared_model())
         with pytest.raises(ProcessorsError, match=r"in use by pid \d+"):
             await second.run(asyncio.Event())
+
+
+async def test_a_payload_claiming_another_tenant_is_dead_lettered_and_never_reaches_its_data(
+    knowledge_settings: Settings,
+) -> None:
+    """The tenant of a request is the topic it came in on: acme writing `tenant_id: globex` on its
+    own topics gets a `tenant_mismatch` rejection, never globex's chunks, and cannot delete
+    globex's document; globex hears nothing of it."""
+    s = knowledge_settings
+    t = s.topics
+    acme, globex = t.tenant(ACME), t.tenant(GLOBEX)
+    globex_doc = next(d for d in documents() if d.tenant == GLOBEX)
+    forged_question = ChatRequest(tenant_id=GLOBEX, question="What is the hotel budget per night?")
+    forged_delete = DocumentIngest(tenant_id=GLOBEX, doc_id=globex_doc.doc_id, op="delete")
+    honest = ChatRequest(tenant_id=GLOBEX, question="What is the hotel budget per night?")
+    async with running_processors(s) as processors:
+        store = processors.store
+        assert store is not None
+        await ingest(s, [ingest_event(globex_doc)])
+        await produce(s, acme.requests("chat"), [forged_question])
+        await produce(s, acme.docs_ingest, [forged_delete])
+        replies = await collect(s, [acme.responses("chat")], ChatResponse, [forged_question.request_id])
+        results = await collect(s, [acme.docs_ingested], IngestResult, [forged_delete.request_id])
+        # globex itself still gets its own chunks, and its document is still there
+        answered = await ask(s, [honest])
+        assert await store.call(store.count, GLOBEX, globex_doc.doc_id) > 0
+
+    reply = replies[forged_question.request_id]
+    assert reply.tenant_id == ACME and reply.error is not None
+    assert reply.error.code == ErrorCode.INVALID_REQUEST and "tenant_mismatch" in reply.error.message
+    result = results[forged_delete.request_id]
+    assert result.tenant_id == ACME and result.status == "error"
+    assert any("180 dollars" in c.text for c in answered[honest.request_id].chunks)
+
+    enriched = await read_events(s, t.enriched("chat"), EnrichedRequest)
+    assert forged_question.request_id not in {e.request_id for e in enriched}
+    for topic in (globex.responses("chat"), globex.docs_ingested):
+        assert not [r for r in await read_topic(s, topic) if forged_question.request_id.encode() in r.value]
+        assert not [r for r in await read_topic(s, topic) if forged_delete.request_id.encode() in r.value]
+    letters = await read_events(s, t.dlq_of("chat.requests"), DeadLetter)
+    assert [(d.request_id, d.error_class, d.tenant_id) for d in letters] == [
+        (forged_question.request_id, "tenant_mismatch", ACME)
+    ]
+    doc_letters = await read_events(s, t.dlq_of("docs.ingest"), DeadLetter)
+    assert [(d.request_id, d.error_class) for d in doc_letters] == [
+        (forged_delete.request_id, "tenant_mismatch")
+    ]
+
+
+async def test_a_tenant_added_while_the_processors_run_is_served(knowledge_settings: Settings) -> None:
+    """`ragbus tenants add` creates topics while the processors run: they pick them up (no restart)
+    and keep serving the tenants they had."""
+    s = knowledge_settings.model_copy(update={"tenant_refresh_s": 1.0})
+    newco = s.topics.tenant("newco")
+    doc = DocumentIngest(
+        tenant_id="newco",
+        doc_id="parking",
+        text="Newco parking rules: the visitor car park is level minus two, gate code 7731.",
+    )
+    question = ChatRequest(tenant_id="newco", question="What is the gate code of the visitor car park?")
+    before = ChatRequest(tenant_id=ACME, question="How long are backups kept?")
+    async with running_processors(s) as processors:
+        assert newco.docs_ingest not in processors.input_topics
+        await declare_topics(s, tenants=["newco"])
+
+        async def picked_up() -> bool:
+            return newco.requests("chat") in processors.input_topics
+
+        await wait_for(picked_up, timeout=30, what="the processors to read newco's topics")
+        result = (await ingest(s, [doc]))[doc.request_id]
+        assert result.status == "ok" and result.tenant_id == "newco" and result.chunks == 1
+        enriched = await ask(s, [question, before])
+    out = enriched[question.request_id]
+    assert out.tenant_id == "newco" and [c.doc_id for c in out.chunks] == ["parking"]
+    assert "7731" in out.chunks[0].text
+    assert enriched[before.request_id].tenant_id == ACME

@@ -27,7 +27,7 @@ def slow_markdown() -> str:
 
 async def test_bombs_and_a_slow_document_do_not_hold_up_the_next_one(settings: Settings) -> None:
     s = settings.model_copy(update={"parse_timeout_s": DEADLINE_S, "parse_workers": 2})
-    t = s.topics
+    t = s.topics.tenant(ACME)
 
     def doc(doc_id: str, content_type: str, text: str) -> DocumentIngest:
         return DocumentIngest(tenant_id=ACME, doc_id=doc_id, content_type=content_type, text=text)  # type: ignore[arg-type]
@@ -85,7 +85,7 @@ async def test_bombs_and_a_slow_document_do_not_hold_up_the_next_one(settings: S
     assert timed_out.error.code == ErrorCode.INGEST_ERROR
     assert timed_out.error.message.startswith("parse_timeout: ")
 
-    letters = await read_events(s, t.dlq(t.docs_ingest), DeadLetter)
+    letters = await read_events(s, s.topics.dlq(t.docs_ingest), DeadLetter)
     by_request = {d.request_id: d for d in letters}
     assert by_request[slow.request_id].error_class == "parse_timeout"
     assert by_request[slow.request_id].stage == f"{s.topic_prefix}.processors.ingest"

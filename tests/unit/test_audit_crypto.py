@@ -20,6 +20,7 @@ from schemas import (
     RetrievedChunk,
     TokenChunk,
 )
+from schemas.topics import spec
 from sinks.audit.crypto import ENC, KeyConfigError, Keyring, generate_key, seal, unseal
 from sinks.audit.rows import COL, RowMapper
 from tests.unit.test_audit_rows import Rec
@@ -69,12 +70,13 @@ def sealed_events() -> list[tuple[str, object]]:
 @pytest.mark.parametrize(("topic", "event"), sealed_events(), ids=lambda x: x if isinstance(x, str) else "")
 def test_sensitive_fields_are_sealed_and_come_back(topic: str, event: object) -> None:
     keyring = Keyring.parse(K1)
-    r = Rec(f"ragbus.{topic}", encode(event).value, offset=3)  # type: ignore[arg-type]
+    topic = spec(topic).name("ragbus", "acme" if spec(topic).per_tenant else None)
+    r = Rec(topic, encode(event).value, offset=3)  # type: ignore[arg-type]
     row = RowMapper("ragbus", keyring).row(r)
     stored = row[COL["request_payload"]]
     assert SECRET not in stored and base64.b64encode(SECRET.encode()).decode() not in stored
     assert row[COL["key_id"]] == "k1" and row[COL["tenant_id"]] == "acme" and row[COL["request_id"]] == "r1"
-    plain, problems = unseal(orjson.loads(stored), "k1", keyring, f"ragbus.{topic}/0/3")
+    plain, problems = unseal(orjson.loads(stored), "k1", keyring, f"{topic}/0/3")
     assert problems == []
     assert plain == orjson.loads(encode(event).value)  # type: ignore[arg-type]
 

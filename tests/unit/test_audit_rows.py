@@ -24,7 +24,7 @@ from schemas import (
     IngestResult,
     Usage,
 )
-from schemas.topics import TOPICS
+from schemas.topics import TOPICS, spec
 from sinks.audit.rows import (
     ACTIONS,
     COL,
@@ -60,8 +60,10 @@ class Rec:
 
 
 def rec(topic: str, event: Any, **kw: Any) -> Rec:
+    """`event` on the topic of suffix `topic` (a tenant topic: its event's tenant's)."""
     enc = encode(event)
-    return Rec(f"{PREFIX}.{topic}", enc.value, key=enc.key, headers=enc.headers, **kw)
+    name = spec(topic).name(PREFIX, event.tenant_id if spec(topic).per_tenant else None)
+    return Rec(name, enc.value, key=enc.key, headers=enc.headers, **kw)
 
 
 def col(row: tuple[Any, ...], name: str) -> Any:
@@ -112,7 +114,7 @@ def test_usage_model_ip_and_trace_are_lifted() -> None:
     req = ChatRequest(question="q", tenant_id="acme", client_ip="192.0.2.7", model="smol")
     headers = [("traceparent", f"00-{TRACE}-00f067aa0ba902b7-01".encode())]
     enc = encode(req)
-    row = mapper.row(Rec(f"{PREFIX}.chat.requests", enc.value, headers=headers))
+    row = mapper.row(Rec(f"{PREFIX}.t.acme.chat.requests", enc.value, headers=headers))
     assert str(col(row, "ip_address")) == "192.0.2.7" and col(row, "trace_id") == TRACE
     enriched = EnrichedRequest(request=req, **req.envelope())
     row = mapper.row(rec("chat.enriched", enriched))
@@ -125,7 +127,7 @@ def test_the_codec_header_carries_a_trace_id_when_a_span_is_current() -> None:
     tracer = TracerProvider().get_tracer("t")
     with tracer.start_as_current_span("produce") as span:
         enc = encode(ChatRequest(question="q", tenant_id="acme"))
-    row = RowMapper(PREFIX).row(Rec(f"{PREFIX}.chat.requests", enc.value, headers=enc.headers))
+    row = RowMapper(PREFIX).row(Rec(f"{PREFIX}.t.acme.chat.requests", enc.value, headers=enc.headers))
     assert col(row, "trace_id") == f"{span.get_span_context().trace_id:032x}"
 
 
@@ -142,7 +144,7 @@ def test_the_codec_header_carries_a_trace_id_when_a_span_is_current() -> None:
     ],
 )
 def test_undecodable_bytes_still_get_a_row(value: bytes | None, reason: str) -> None:
-    r = Rec(f"{PREFIX}.chat.requests", value, key=b"k1", headers=[("h", b"\x00\x01")])
+    r = Rec(f"{PREFIX}.t.acme.chat.requests", value, key=b"k1", headers=[("h", b"\x00\x01")])
     row = RowMapper(PREFIX).row(r)
     assert col(row, "action_type") == "ERROR" and col(row, "error").startswith(reason)
     assert col(row, "event_type") == "chat.request"
@@ -152,9 +154,17 @@ def test_undecodable_bytes_still_get_a_row(value: bytes | None, reason: str) -> 
     assert payload["headers"] == [["h", base64.b64encode(b"\x00\x01").decode()]]
 
 
+def test_a_tenant_topic_row_names_the_topic_tenant_not_the_payload_one() -> None:
+    forged = encode(ChatRequest(question="q", tenant_id="victim"))
+    row = RowMapper(PREFIX).row(Rec(f"{PREFIX}.t.acme.chat.requests", forged.value, headers=forged.headers))
+    assert col(row, "tenant_id") == "acme"
+    raw = RowMapper(PREFIX).row(Rec(f"{PREFIX}.t.acme.chat.requests", b"not json"))
+    assert col(raw, "tenant_id") == "acme" and col(raw, "action_type") == "ERROR"
+
+
 def test_nul_characters_are_replaced_not_lost() -> None:
     value = b'{"tenant_id": "a\\u0000b", "request_id": "r", "question": "x\\u0000y"}'
-    row = RowMapper(PREFIX).row(Rec(f"{PREFIX}.chat.requests", value))
+    row = RowMapper(PREFIX).row(Rec(f"{PREFIX}.chat.enriched", value))  # internal: the payload's tenant
     assert col(row, "tenant_id") == "a\ufffdb" and col(row, "error").startswith("nul_replaced")
     assert "\\u0000" not in col(row, "request_payload")
     assert orjson.loads(col(row, "request_payload"))["question"] == "x\ufffdy"
@@ -223,13 +233,13 @@ def test_rows_take_their_time_from_the_broker_or_the_receipt() -> None:
     )
     for value in (encode(event).value, b"not json {"):  # events and undecodable bytes alike
         for claimed in (0, YEAR_2999_MS):
-            r = Rec(f"{PREFIX}.chat.requests", value, timestamp=claimed, timestamp_type=CREATE_TIME)
+            r = Rec(f"{PREFIX}.t.acme.chat.requests", value, timestamp=claimed, timestamp_type=CREATE_TIME)
             (row,) = mapper.rows([r], later)
             assert col(row, "created_at") == later and col(row, "time_source") == FROM_RECEIPT
             assert col(row, "producer_time") == record_time(claimed)
     # Without an explicit receive time, the mapping time is used.
     before = datetime.now(UTC)
-    row = mapper.row(Rec(f"{PREFIX}.chat.requests", encode(event).value, timestamp=0))
+    row = mapper.row(Rec(f"{PREFIX}.t.acme.chat.requests", encode(event).value, timestamp=0))
     assert before <= col(row, "created_at") <= datetime.now(UTC)
 
 
@@ -288,7 +298,7 @@ def test_a_record_that_breaks_the_mapping_still_gets_a_row() -> None:
         def row(self, record: Any, received: datetime | None = None) -> tuple[Any, ...]:
             raise RuntimeError("a bug in the mapping")
 
-    (row,) = Broken(PREFIX).rows([Rec(f"{PREFIX}.chat.requests", b'{"tenant_id": "acme"}')])
+    (row,) = Broken(PREFIX).rows([Rec(f"{PREFIX}.t.acme.chat.requests", b'{"tenant_id": "acme"}')])
     assert col(row, "action_type") == "ERROR" and "unmappable: RuntimeError" in col(row, "error")
     assert col(row, "offset") == 7
     assert base64.b64decode(orjson.loads(col(row, "request_payload"))["raw_b64"]) == b'{"tenant_id": "acme"}'

@@ -12,15 +12,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from infra.kafka.codec import DecodeError, decode
-from infra.kafka.dlq import dead_letter, encode_dead_letter, rejection_response
+from infra.kafka.dlq import (
+    TENANT_MISMATCH,
+    dead_letter,
+    encode_dead_letter,
+    rejection_response,
+    tenant_mismatch,
+)
 from schemas import ChatResponse, DeadLetter, Topics, limits, spec_for_topic
+from schemas.topics import dlq_name
 
 PREFIX = "ragbus"
 
 
 @dataclass
 class Record:
-    topic: str = "ragbus.chat.requests"
+    topic: str = "ragbus.t.demo.chat.requests"
     partition: int = 0
     offset: int = 7
     timestamp: int = 1_700_000_000_000
@@ -30,7 +37,7 @@ class Record:
 
 
 def _fits_dlq(topic: str, encoded_value: bytes) -> bool:
-    spec = spec_for_topic(topic + ".dlq", PREFIX)
+    spec = spec_for_topic(dlq_name(topic), PREFIX)
     assert spec is not None
     return len(encoded_value) <= spec.max_message_bytes
 
@@ -48,7 +55,7 @@ def test_an_over_long_request_id_is_cut_not_refused() -> None:
 
 
 def test_a_value_larger_than_the_dlq_holds_is_cut_and_says_so() -> None:
-    spec = spec_for_topic("ragbus.chat.requests", PREFIX)
+    spec = spec_for_topic("ragbus.t.demo.chat.requests", PREFIX)
     assert spec is not None
     value = b"x" * (spec.max_message_bytes + 10)
     record = Record(value=value, key=b"k" * 100_000, headers=[("h", b"v" * 100_000)] * 500)
@@ -82,14 +89,49 @@ def test_a_record_that_cannot_be_echoed_still_gets_a_dead_letter() -> None:
 def test_a_reply_goes_to_a_requester_named_within_the_contract() -> None:
     value = json.dumps({"request_id": "req-1", "tenant_id": "acme", "lane": "bulk", "custom_id": "c" * 999})
     out = rejection_response(
-        Record(value=value.encode()), DecodeError("not_json", "x"), topics=Topics(PREFIX)
+        Record(topic="ragbus.t.acme.bulk.requests", value=value.encode()),
+        DecodeError("not_json", "x"),
+        topics=Topics(PREFIX),
     )
     assert out is not None
     topic, enc = out
-    assert topic == "ragbus.bulk.responses"
+    assert topic == "ragbus.t.acme.bulk.responses"
     reply = ChatResponse.model_validate_json(enc.value)
-    assert reply.request_id == "req-1" and reply.error is not None
+    assert reply.request_id == "req-1" and reply.error is not None and reply.tenant_id == "acme"
     assert reply.custom_id is not None and len(reply.custom_id) == limits.CUSTOM_ID_MAX
+
+
+def test_a_reply_goes_to_the_tenant_of_the_topic_never_to_the_one_the_payload_names() -> None:
+    # acme's principal wrote bytes claiming tenant `victim` and the bulk lane on acme's chat topic:
+    # the reply (and the dead letter's tenant) is acme's, on acme's chat responses.
+    value = json.dumps({"request_id": "req-2", "tenant_id": "victim", "lane": "bulk"}).encode()
+    record = Record(topic="ragbus.t.acme.chat.requests", value=value)
+    error = tenant_mismatch(record.topic, "victim", PREFIX)
+    assert error is not None and error.error_class == TENANT_MISMATCH
+    out = rejection_response(record, error, topics=Topics(PREFIX))
+    assert out is not None
+    topic, enc = out
+    assert topic == "ragbus.t.acme.chat.responses"
+    reply = ChatResponse.model_validate_json(enc.value)
+    assert reply.tenant_id == "acme" and reply.error is not None and "tenant_mismatch" in reply.error.message
+    dlq_topic, letter_enc = encode_dead_letter(record, error, stage="s")
+    letter = DeadLetter.model_validate_json(letter_enc.value)
+    assert dlq_topic == "ragbus.chat.requests.dlq"
+    assert letter.error_class == TENANT_MISMATCH and letter.tenant_id == "acme"
+
+
+def test_tenant_mismatch_only_when_the_payload_names_another_tenant() -> None:
+    assert tenant_mismatch("ragbus.t.acme.docs.ingest", "acme", PREFIX) is None
+    assert tenant_mismatch("ragbus.t.acme.docs.ingest", "acm", PREFIX) is not None
+    assert tenant_mismatch("ragbus.chat.enriched", "anyone", PREFIX) is None  # internal: not checked
+    assert tenant_mismatch("other.t.acme.chat.requests", "x", PREFIX) is None  # not this deployment's
+
+
+def test_every_error_class_is_in_the_readme_table() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Dead letters", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `([a-z_]+)` \|", section, re.M))
+    assert TENANT_MISMATCH in listed and "processing" in listed
 
 
 headers = st.lists(
@@ -108,7 +150,13 @@ values = st.one_of(
 @settings(max_examples=300, deadline=None)
 @given(
     topic=st.sampled_from(
-        ["ragbus.chat.requests", "ragbus.docs.ingest", "ragbus.bulk.enriched", "other.topic"]
+        [
+            "ragbus.t.acme.chat.requests",
+            "ragbus.t.acme.docs.ingest",
+            "ragbus.chat.requests",
+            "ragbus.bulk.enriched",
+            "other.topic",
+        ]
     ),
     partition=st.integers(0, 2**31 - 1),
     offset=st.integers(0, 2**62),
@@ -128,7 +176,7 @@ def test_the_dead_letter_path_never_raises(
     else:
         error = RuntimeError("valid, but its handling failed")
     dlq_topic, enc = encode_dead_letter(record, error, stage="ragbus.processors.retrieval-chat")
-    assert dlq_topic == topic + ".dlq"
+    assert dlq_topic == dlq_name(topic)
     DeadLetter.model_validate_json(enc.value)
     assert len(enc.key) <= limits.REQUEST_ID_MAX * 4
     rejection_response(record, error, topics=Topics(PREFIX))  # never raises
