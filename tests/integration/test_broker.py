@@ -62,8 +62,8 @@ async def test_start_stop_restart_keeps_messages(own_broker: LocalKafka, tmp_pat
     s = Settings(
         kafka_bootstrap=own_broker.bootstrap, topic_prefix="life", kafka_partitions=1, _env_file=None
     )
-    await declare_topics(s)
-    topic = s.topics.requests("chat")
+    await declare_topics(s, tenants=["acme"])
+    topic = s.topics.tenant("acme").requests("chat")
     await _produce(s, topic, 50)
 
     own_broker.stop()

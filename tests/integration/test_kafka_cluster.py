@@ -66,7 +66,8 @@ async def _echo(settings: Settings, stop: asyncio.Event, restarts: list[str]) ->
     through TransactionalPublisher (answers and offsets in one transaction). When its publisher
     fails (the broker gone past retries) this incarnation ends and a new one with the same
     transactional id fences it and resumes from the committed offsets, as a restarted process would."""
-    requests, responses = settings.topics.requests("chat"), settings.topics.responses("chat")
+    own = settings.topics.tenant("acme")
+    requests, responses = own.requests("chat"), own.responses("chat")
     group = f"{settings.topic_prefix}.echo"
     while not stop.is_set():
         publisher = TransactionalPublisher(
@@ -104,7 +105,9 @@ async def _produce(settings: Settings, start: int, n: int) -> None:
     try:
         for i in range(start, start + n):
             enc = encode(ChatRequest(question=f"q{i}", tenant_id="acme", request_id=f"r{i}"))
-            await producer.send(settings.topics.requests("chat"), enc.value, key=enc.key, headers=enc.headers)
+            await producer.send(
+                settings.topics.tenant("acme").requests("chat"), enc.value, key=enc.key, headers=enc.headers
+            )
         await asyncio.wait_for(producer.flush(), 60)
     finally:
         await producer.stop()
@@ -112,7 +115,9 @@ async def _produce(settings: Settings, start: int, n: int) -> None:
 
 async def _answered(settings: Settings) -> Counter[str]:
     """Answers per request id, as a read_committed reader sees the responses topic."""
-    answers = await read_events(settings, settings.topics.responses("chat"), ChatResponse, timeout=20)
+    answers = await read_events(
+        settings, settings.topics.tenant("acme").responses("chat"), ChatResponse, timeout=20
+    )
     return Counter(a.request_id for a in answers)
 
 
@@ -120,15 +125,15 @@ async def test_declared_topics_are_replicated_three_times(cluster: LocalKafkaClu
     s = _settings(cluster, tmp_path)
     from infra.kafka.topics import declare_topics
 
-    declared = await declare_topics(s)
+    declared = await declare_topics(s, tenants=["acme"])
     assert declared.replication_factor == 3 and declared.created
     admin = make_admin(s)
     await admin.start()
     try:
         assert await active_controller(admin) in (1, 2, 3)  # what `ragbus status` shows
-        described = await admin.describe_topics(s.topics.all())
+        described = await admin.describe_topics(s.topics.all() + s.topics.tenant("acme").all())
         assert all(len(p["replicas"]) == 3 for t in described for p in t["partitions"])
-        name = s.topics.requests("chat")
+        name = s.topics.tenant("acme").requests("chat")
         configs = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)])
         values = {entry[0]: entry[1] for entry in configs[0].resources[0][4]}
         assert values["min.insync.replicas"] == "2"
@@ -144,7 +149,7 @@ async def test_exactly_once_through_a_broker_crash(cluster: LocalKafkaCluster, t
     from infra.kafka.topics import declare_topics
 
     s = _settings(cluster, tmp_path)
-    await declare_topics(s)
+    await declare_topics(s, tenants=["acme"])
     stop, restarts = asyncio.Event(), []
     echo = asyncio.create_task(_echo(s, stop, restarts))
     try:
