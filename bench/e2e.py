@@ -155,8 +155,10 @@ async def run(args: argparse.Namespace) -> None:
     defaults = Settings(_env_file=None)  # type: ignore[call-arg]
     with tempfile.TemporaryDirectory(prefix="ragbus-bench-e2e-") as tmp:
         work = Path(tmp)
-        with kafka_service(work / "kafka", cache=CACHE, version=defaults.kafka_version) as kafka:
-            s = bench_settings(kafka.bootstrap, work)
+        with kafka_service(
+            work / "kafka", cache=CACHE, version=defaults.kafka_version, secure=not args.insecure
+        ) as kafka:
+            s = bench_settings(kafka.bootstrap, work, kafka.client)
             await declare_topics(s)
             parts = [
                 ComponentProcess(s, ["processors", "run"], work / "processors.log"),
@@ -212,6 +214,12 @@ def report_results(samples: list[Sample], errors: list[str], elapsed: float) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="60 s of load instead of 300 s")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="an open PLAINTEXT broker without ACLs (default: SASL/SCRAM + ACLs, as `ragbus up`), to "
+        "measure what authentication costs",
+    )
     parser.add_argument("--clients", type=int, default=1, help="concurrent clients (closed loop)")
     parser.add_argument("--seconds", type=float, help="how long the load lasts (default 300; --quick 60)")
     parser.add_argument("--max-tokens", type=int, default=16, help="answer length cap")

@@ -271,6 +271,9 @@ class LocalKafka:
                     "ssl.keystore.password": pw,
                     "ssl.key.password": pw,
                     "ssl.client.auth": "none",
+                    # Brokers talk to each other on this listener too: they trust the one CA.
+                    "ssl.truststore.type": "PEM",
+                    "ssl.truststore.location": str(self.ca_file),
                 }
             )
         return props
