@@ -157,8 +157,12 @@ class Stack:
         return declared
 
     async def _default_tenant(self) -> None:
+        """Credentials for the `default` tenant on the local broker (on an external cluster its
+        operator makes principals: `ragbus tenants add`, with a principal allowed to)."""
         from infra.kafka.security import ensure_tenant
 
+        if self.kafka is None:
+            return
         created = await ensure_tenant(self.settings, DEFAULT_TENANT, declare=False)
         self.default_tenant_created = created is not None
 

@@ -2,9 +2,13 @@
 
 Used by `ragbus up` and by the test fixtures when no cluster is named by RAGBUS_KAFKA_BOOTSTRAP
 and no Docker engine answers. Data survives `stop()`/`start()`; `kill()` is a SIGKILL for
-crash tests. Authenticated unless told otherwise (`BrokerAuth`). One node of a multi-node quorum
-(`infra.kafka.cluster`) is the same class with its
+crash tests. One node of a multi-node quorum (`infra.kafka.cluster`) is the same class with its
 node id, the quorum's voters, a shared cluster id and the replication of the internal topics.
+
+Authenticated with a `BrokerAuth` (what `ragbus up` gives it): SASL/SCRAM on the client listener
+and the StandardAuthorizer, so a process that can reach the port but holds no credentials gets no
+metadata, and a tenant's principal only what its ACLs allow. Without one (`--insecure`), today's
+open PLAINTEXT listener.
 """
 
 from __future__ import annotations
