@@ -58,10 +58,8 @@ def _print_credentials(s: Settings, creds: TenantCredentials, verb: str) -> None
         f"-X sasl.mechanisms={creds.mechanism} -X sasl.username={creds.principal} "
         f"-X sasl.password='{creds.password}'"
     )
-    if props["security.protocol"] == "SASL_SSL" and s.kafka_ssl_cafile is None and s.uses_local_kafka:
-        from infra.kafka.clients import local_ca_file
-
-        kcat += f" -X ssl.ca.location={local_ca_file(s)}"
+    if "ssl.truststore.location" in props:
+        kcat += f" -X ssl.ca.location={props['ssl.truststore.location']}"
     console.print(
         "\n# kcat: write a chat request as this tenant (SCRAM with Kafka 4 needs librdkafka 2.6.1+)",
         highlight=False,

@@ -364,12 +364,16 @@ def _valid(tenant: str) -> bool:
 
 def client_properties(settings: Settings, creds: TenantCredentials) -> dict[str, str]:
     """Java-client properties for the tenant's principal (also what kcat takes with -X)."""
-    protocol = client_settings(settings).kafka_security_protocol
-    protocol = "SASL_SSL" if protocol.endswith("SSL") else "SASL_PLAINTEXT"
-    return {
+    effective = client_settings(settings)
+    tls = effective.kafka_security_protocol.endswith("SSL")
+    props = {
         "bootstrap.servers": settings.bootstrap,
-        "security.protocol": protocol,
+        "security.protocol": "SASL_SSL" if tls else "SASL_PLAINTEXT",
         "sasl.mechanism": creds.mechanism,
         "sasl.jaas.config": "org.apache.kafka.common.security.scram.ScramLoginModule required "
         f'username="{creds.principal}" password="{creds.password}";',
     }
+    if tls and effective.kafka_ssl_cafile is not None:
+        # The CA clients must trust (the local broker's self-signed one with kafka_local_tls).
+        props |= {"ssl.truststore.type": "PEM", "ssl.truststore.location": str(effective.kafka_ssl_cafile)}
+    return props
