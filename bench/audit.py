@@ -222,6 +222,7 @@ async def main(args: argparse.Namespace) -> None:
             raw_dsn = await database(postgres, f"{prefix}_raw")
             settings = Settings(
                 kafka_bootstrap=kafka.bootstrap,
+                **kafka.client,
                 topic_prefix=prefix,
                 pg_dsn=SecretStr(sink_dsn),
                 home=root / "home",

@@ -9,14 +9,17 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 from infra.settings import Settings
 
 
-def bench_settings(bootstrap: str, work: Path) -> Settings:
-    """A fresh topic prefix, home and Milvus Lite file under `work`, on the broker at `bootstrap`."""
+def bench_settings(bootstrap: str, work: Path, client: dict[str, Any] | None = None) -> Settings:
+    """A fresh topic prefix, home and Milvus Lite file under `work`, on the broker at `bootstrap`
+    (`client`: its credentials, `tests.provision.KafkaService.client`)."""
     prefix = f"bench{uuid.uuid4().hex[:8]}"
     return Settings(
+        **(client or {}),
         kafka_bootstrap=bootstrap,
         topic_prefix=prefix,
         home=work / "home",
@@ -46,6 +49,15 @@ class ComponentProcess:
                 "RAGBUS_LOG_LEVEL": "WARNING",
             }
         )
+        # The broker's credentials (the bench broker is authenticated, like `ragbus up`'s).
+        env["RAGBUS_KAFKA_SECURITY_PROTOCOL"] = s.kafka_security_protocol
+        for name, value in (
+            ("SASL_MECHANISM", s.kafka_sasl_mechanism),
+            ("SASL_USERNAME", s.kafka_sasl_username),
+            ("SASL_PASSWORD", s.kafka_sasl_password.get_secret_value() if s.kafka_sasl_password else None),
+        ):
+            if value:
+                env[f"RAGBUS_KAFKA_{name}"] = value
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "cli.main", *self.args],

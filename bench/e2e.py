@@ -38,7 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from tqdm import tqdm
 
 from bench.components import ComponentProcess, bench_settings
-from infra.kafka.topics import declare_topics
+from infra.kafka.security import ensure_tenant
 from infra.secrets import as_tenant
 from infra.settings import Settings
 from producers.client import ChatClient, ChatError, ChatTimeout
@@ -158,10 +158,14 @@ async def run(args: argparse.Namespace) -> None:
     defaults = Settings(_env_file=None)  # type: ignore[call-arg]
     with tempfile.TemporaryDirectory(prefix="ragbus-bench-e2e-") as tmp:
         work = Path(tmp)
-        with kafka_service(work / "kafka", cache=CACHE, version=defaults.kafka_version) as kafka:
-            s = bench_settings(kafka.bootstrap, work)
-            await declare_topics(s, tenants=[TENANT])
-            client_settings = as_tenant(s, TENANT)  # the clients act as the bench tenant
+        with kafka_service(
+            work / "kafka", cache=CACHE, version=defaults.kafka_version, secure=not args.insecure
+        ) as kafka:
+            s = bench_settings(kafka.bootstrap, work, kafka.client)
+            # The clients act as the bench tenant: its topics, and (secured) its own principal,
+            # so the measurement includes the tenant's SCRAM login and ACL checks.
+            await ensure_tenant(s, TENANT)
+            client_settings = as_tenant(s, TENANT)
             parts = [
                 ComponentProcess(s, ["processors", "run"], work / "processors.log"),
                 ComponentProcess(s, ["worker", "run"], work / "worker.log"),
@@ -216,6 +220,12 @@ def report_results(samples: list[Sample], errors: list[str], elapsed: float) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="60 s of load instead of 300 s")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="an open PLAINTEXT broker without ACLs (default: SASL/SCRAM + ACLs, as `ragbus up`), to "
+        "measure what authentication costs",
+    )
     parser.add_argument("--clients", type=int, default=1, help="concurrent clients (closed loop)")
     parser.add_argument("--seconds", type=float, help="how long the load lasts (default 300; --quick 60)")
     parser.add_argument("--max-tokens", type=int, default=16, help="answer length cap")

@@ -184,7 +184,7 @@ async def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="ragbus-bench-") as tmp:
         work = Path(tmp)
         with kafka_service(work / "kafka", cache=CACHE, version=defaults.kafka_version) as kafka:
-            s = bench_settings(kafka.bootstrap, work)
+            s = bench_settings(kafka.bootstrap, work, kafka.client)
             await declare_topics(s, tenants=TENANTS)
             processor = ComponentProcess(s, ["processors", "run"], work / "processors.log")
             try:

@@ -170,6 +170,7 @@ async def main(args: argparse.Namespace) -> None:
             model = str(prepare_packaged(Settings(home=cache, _env_file=None)))  # type: ignore[call-arg]
         settings = Settings(
             kafka_bootstrap=kafka.bootstrap,
+            **kafka.client,
             topic_prefix=prefix,
             instance_id=prefix,
             home=work / "home",

@@ -13,6 +13,7 @@ from cli import demo as demo_cmds
 from cli import inference as inference_cmds
 from cli import knowledge as knowledge_cmds
 from cli import stack as stack_cmds
+from cli import tenants as tenant_cmds
 from cli.common import console, print_json, settings
 
 app = typer.Typer(
@@ -33,6 +34,7 @@ app.command("stop")(component_cmds.stop)
 app.command("ask")(client_cmds.ask)
 app.add_typer(client_cmds.bulk_app, name="bulk")
 app.command("gateway")(client_cmds.gateway)
+app.add_typer(tenant_cmds.tenants_app, name="tenants")
 audit_cmds.register(app)
 inference_cmds.register(app)
 knowledge_cmds.register(app)

@@ -27,11 +27,21 @@ def up(
         "+ 0, 2, 4) with topics replicated 3 times, min.insync.replicas 2 (default: RAGBUS_KAFKA_BROKERS, "
         "1). Set RAGBUS_KAFKA_BROKERS too so that other commands bootstrap from every node.",
     ),
+    insecure: bool = typer.Option(
+        False,
+        "--insecure",
+        help="Start the local Kafka with an open PLAINTEXT listener and no authorizer (any local process "
+        "may read and write every topic); for experiments only. Default (RAGBUS_INSECURE): SASL/SCRAM "
+        "with ACLs, credentials generated under the home.",
+    ),
 ) -> None:
     """Start the local stack in the background (Kafka, Postgres, Milvus Lite), declare the topics
     and apply migrations. Services named by RAGBUS_KAFKA_BOOTSTRAP / RAGBUS_PG_DSN /
-    RAGBUS_MILVUS_URI are used as they are, not started."""
+    RAGBUS_MILVUS_URI are used as they are, not started. The local Kafka takes SASL/SCRAM
+    logins and ACLs (unless --insecure); the `default` tenant is created so `ragbus chat` works."""
     s = settings()
+    if insecure:
+        s = s.model_copy(update={"insecure": True})
     started = time.monotonic()
     stack = Stack(s, brokers=brokers)
     declared = stack.up()
@@ -43,11 +53,19 @@ def up(
                 "services": [asdict(x) for x in states],
                 "topics_created": declared.created,
                 "replication_factor": declared.replication_factor,
+                "security": stack.security(),
+                "default_tenant_created": stack.default_tenant_created,
                 "seconds": round(elapsed, 2),
             }
         )
         return
     _services_table(states)
+    _security_line(stack.security())
+    if stack.default_tenant_created:
+        console.print(
+            "tenant [bold]default[/bold] created (its password is kept 0600 under the home; "
+            "`ragbus tenants add NAME` makes more)"
+        )
     console.print(
         f"topics: {len(declared.created)} created, {len(declared.existing)} already there "
         f"(prefix [bold]{s.topic_prefix}[/bold], replication factor {declared.replication_factor}); "
@@ -86,6 +104,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print as JSON."))
                 "controller": view.controller_id if view else None,
                 "under_replicated": [asdict(r) for r in view.under_replicated] if view else [],
                 "offline": [asdict(r) for r in view.offline] if view else [],
+                "security": stack.security(),
                 "components": [asdict(c) for c in components],
                 "topics": [asdict(t) | {"messages": t.messages} for t in view.topics] if view else [],
                 "groups": [asdict(g) | {"total_lag": g.total_lag, "exact": g.exact} for g in view.groups]
@@ -95,6 +114,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print as JSON."))
         )
         raise typer.Exit(0 if healthy else 1)
     _services_table(states)
+    _security_line(stack.security())
     console.print(components_table(components))
     if view is not None:
         _brokers_table(view)
@@ -119,6 +139,11 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print as JSON."))
         console.print(groups)
     if not healthy:
         raise typer.Exit(1)
+
+
+def _security_line(line: str) -> None:
+    style = "bold red" if line.startswith("INSECURE") else "green"
+    console.print(f"[{style}]{line}[/{style}]", highlight=False)
 
 
 def _brokers_table(view: ClusterView) -> None:

@@ -79,10 +79,16 @@ def as_tenant(settings: Settings, tenant: str) -> Settings:
     """Settings for a client acting as `tenant`: its topics (`settings.tenant`) and, when this
     machine keeps the tenant's password (`ragbus tenants add`), its SCRAM principal; otherwise the
     credentials already configured (say `RAGBUS_KAFKA_SASL_USERNAME` for a remote cluster)."""
+    from infra.kafka.clients import client_settings  # (clients reads its secrets from here)
+
     update: dict[str, object] = {"tenant": tenant}
     password = read_secret(tenant_password_path(settings, tenant))
-    if password is not None:
-        tls = settings.kafka_security_protocol.endswith("SSL")
+    # The local broker's protocol (TLS?) and CA; an open broker (`--insecure`) takes no password.
+    effective = client_settings(settings) if password is not None else settings
+    if password is not None and effective.kafka_security_protocol.startswith("SASL"):
+        tls = effective.kafka_security_protocol.endswith("SSL")
+        if effective.kafka_ssl_cafile is not None:
+            update["kafka_ssl_cafile"] = effective.kafka_ssl_cafile
         update |= {
             "kafka_security_protocol": "SASL_SSL" if tls else "SASL_PLAINTEXT",
             "kafka_sasl_mechanism": SCRAM_MECHANISM,

@@ -78,6 +78,16 @@ class Settings(BaseSettings):
         "kafka_port + 2(i-1) and kafka_controller_port + 2(i-1).",
     )
     kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
+    insecure: bool = Field(
+        default=False,
+        description="The local broker with an open PLAINTEXT listener and no authorizer (any local "
+        "process may read and write every topic); for experiments only. Default: SASL/SCRAM + ACLs.",
+    )
+    kafka_local_tls: bool = Field(
+        default=False,
+        description="The local broker's authenticated listener speaks TLS (SASL_SSL) with a "
+        "self-signed certificate under the home, which local clients trust.",
+    )
     kafka_sasl_mechanism: SaslMechanism | None = None
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None

@@ -14,13 +14,21 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.kafka.broker import LocalKafka, probe
+from infra.kafka.broker import BrokerAuth, LocalKafka, ScramUser, probe, write_private
+from infra.kafka.clients import LOCAL_BROKER_DIR, LOCAL_CLUSTER_DIR, client_settings, security_kwargs
 from infra.kafka.cluster import CLUSTER_HEAP, LocalKafkaCluster
 from infra.kafka.topics import Declared, declare_topics
 from infra.postgres.server import LocalPostgres
 from infra.procs import ServiceError
-from infra.secrets import postgres_password_path
+from infra.secrets import (
+    components_password_path,
+    generate_password,
+    postgres_password_path,
+    read_secret,
+    write_secret,
+)
 from infra.settings import Settings
+from schemas.tenants import COMPONENTS_USER, SCRAM_MECHANISM
 
 log = logging.getLogger(__name__)
 
@@ -35,24 +43,48 @@ class ServiceState:
     managed: bool = True
 
 
-CLUSTER_DIR = "kafka-cluster"
+CLUSTER_DIR = LOCAL_CLUSTER_DIR
+#: The tenant `ragbus up` creates, so that `ragbus chat` works out of the box.
+DEFAULT_TENANT = "default"
 
 
-def _single(settings: Settings) -> LocalKafka:
+def broker_auth(settings: Settings, root: Path) -> BrokerAuth | None:
+    """How the local Kafka under `root` authenticates; None with `insecure`. The components'
+    password is generated once per home (0600, never printed); the controller listener's once per
+    broker folder."""
+    if settings.insecure:
+        return None
+    path = components_password_path(settings)
+    if read_secret(path) is None:
+        write_secret(path, generate_password())
+    controller = root / "controller.password"
+    if read_secret(controller) is None:
+        write_private(controller, generate_password())
+    return BrokerAuth(
+        super_user=ScramUser(COMPONENTS_USER, read_secret(path) or "", SCRAM_MECHANISM),
+        controller_password=read_secret(controller) or "",
+        tls=settings.kafka_local_tls,
+    )
+
+
+def _single(settings: Settings, *, auth: bool = True) -> LocalKafka:
+    root = settings.home / LOCAL_BROKER_DIR
     return LocalKafka(
-        settings.home / "broker",
+        root,
         cache=settings.home,
         version=settings.kafka_version,
         host=settings.kafka_host,
         port=settings.kafka_port,
         controller_port=settings.kafka_controller_port,
         heap=settings.kafka_heap,
+        auth=broker_auth(settings, root) if auth else None,
     )
 
 
-def _cluster(settings: Settings, brokers: int) -> LocalKafkaCluster:
+def _cluster(settings: Settings, brokers: int, *, auth: bool = True) -> LocalKafkaCluster:
+    root = settings.home / CLUSTER_DIR
     return LocalKafkaCluster(
-        settings.home / CLUSTER_DIR,
+        root,
         cache=settings.home,
         version=settings.kafka_version,
         brokers=brokers,
@@ -61,6 +93,7 @@ def _cluster(settings: Settings, brokers: int) -> LocalKafkaCluster:
         controller_port=settings.kafka_controller_port,
         # Three JVMs share the machine: a smaller heap each unless one was set.
         heap=settings.kafka_heap if "kafka_heap" in settings.model_fields_set else CLUSTER_HEAP,
+        auth=broker_auth(settings, root) if auth else None,
     )
 
 
@@ -72,7 +105,7 @@ def local_brokers(settings: Settings, brokers: int | None = None) -> int:
     if settings.kafka_brokers > 1:
         return settings.kafka_brokers
     formatted = LocalKafkaCluster.formatted_brokers(settings.home / CLUSTER_DIR)
-    if formatted and formatted > 1 and _cluster(settings, formatted).running:
+    if formatted and formatted > 1 and _cluster(settings, formatted, auth=False).running:
         return formatted
     return 1
 
@@ -82,6 +115,8 @@ class Stack:
         if brokers is not None and brokers < 1:
             raise ServiceError(f"--brokers must be 1 or more, got {brokers}")
         self.kafka: LocalKafka | LocalKafkaCluster | None = None
+        #: The `default` tenant's credentials when `up` created them (stored 0600, not printed).
+        self.default_tenant_created = False
         if settings.uses_local_kafka:
             n = local_brokers(settings, brokers)
             # Clients bootstrap from every local node (Settings.bootstrap), so one down is no matter.
@@ -114,15 +149,29 @@ class Stack:
                     "then run `ragbus up` again"
                 )
             self.kafka.start()
-        elif not probe(self.settings.bootstrap) and self.settings.kafka_security_protocol == "PLAINTEXT":
+        elif (
+            self.settings.kafka_security_protocol == "PLAINTEXT"
+            and not probe(self.settings.bootstrap)  # (a secured remote cluster answers only its clients)
+        ):
             raise ServiceError(f"no Kafka broker answers at RAGBUS_KAFKA_BOOTSTRAP={self.settings.bootstrap}")
         if self.postgres is not None:
             self.postgres.start()
         if self.settings.uses_milvus_lite:
             Path(self.settings.milvus_target).parent.mkdir(parents=True, exist_ok=True)
-        declared = asyncio.run(declare_topics(self.settings))
+        declared = asyncio.run(declare_topics(self.settings, tenants=[DEFAULT_TENANT]))
+        asyncio.run(self._default_tenant())
         asyncio.run(self._migrate())
         return declared
+
+    async def _default_tenant(self) -> None:
+        """Credentials for the `default` tenant on the local broker (on an external cluster its
+        operator makes principals: `ragbus tenants add`, with a principal allowed to)."""
+        from infra.kafka.security import ensure_tenant
+
+        if self.kafka is None:
+            return
+        created = await ensure_tenant(self.settings, DEFAULT_TENANT, declare=False)
+        self.default_tenant_created = created is not None
 
     async def _migrate(self) -> None:
         import asyncpg
@@ -143,9 +192,9 @@ class Stack:
     def _other_kafka(self) -> LocalKafka | LocalKafkaCluster | None:
         """The local Kafka of the other layout (the cluster when this is one broker, and back)."""
         if isinstance(self.kafka, LocalKafkaCluster):
-            return _single(self.settings)
+            return _single(self.settings, auth=False)
         formatted = LocalKafkaCluster.formatted_brokers(self.settings.home / CLUSTER_DIR)
-        return _cluster(self.settings, formatted) if formatted and formatted > 1 else None
+        return _cluster(self.settings, formatted, auth=False) if formatted and formatted > 1 else None
 
     def expected_brokers(self) -> dict[int, str] | None:
         """Node id → address of the local brokers (None for an external cluster)."""
@@ -166,24 +215,47 @@ class Stack:
             self.postgres.stop()
 
     # --- health ----------------------------------------------------------------------------
+    def security(self) -> str:
+        """One line on how the bus is protected, for `ragbus up` and `ragbus status`."""
+        s = self.settings
+        try:
+            effective = client_settings(s)
+        except ServiceError:
+            effective = s.model_copy(update={"kafka_security_protocol": "SASL_PLAINTEXT"})
+        protocol = effective.kafka_security_protocol
+        if protocol == "PLAINTEXT":
+            return (
+                "INSECURE: open listener (PLAINTEXT, no authorizer): any process that reaches "
+                f"{s.bootstrap} may read and write every topic"
+            )
+        if self.kafka is None:
+            mech = f" ({effective.kafka_sasl_mechanism})" if protocol.startswith("SASL") else ""
+            return f"security: {protocol}{mech} as configured for the external cluster"
+        tls = ", TLS" if protocol == "SASL_SSL" else " (no TLS: set RAGBUS_KAFKA_LOCAL_TLS=1 to encrypt)"
+        return f"security: SASL/{SCRAM_MECHANISM} + ACLs{tls}"
+
     def health(self) -> list[ServiceState]:
         s = self.settings
         states = []
+
+        def kafka_probe() -> bool:
+            return probe(s.bootstrap, **security_kwargs(s))
+
         if isinstance(self.kafka, LocalKafkaCluster):
             # Healthy while it serves: with one node of three down it still does (status lists
             # which broker is down and which partitions are short of replicas).
-            ok = self.kafka.running and _safe(lambda: probe(s.bootstrap))
+            ok = self.kafka.running and _safe(kafka_probe)
             detail = "; ".join(
                 f"node {n.node_id} " + (f"pid {n.pid}" if n.running else "not running")
                 for n in self.kafka.nodes
             )
             states.append(ServiceState("kafka", ok, s.bootstrap, detail, self.kafka.log_path))
         elif self.kafka is not None:
-            ok = self.kafka.running and _safe(lambda: probe(s.bootstrap))
+            ok = self.kafka.running and _safe(kafka_probe)
             detail = f"pid {self.kafka.pid}" if self.kafka.running else "not running"
             states.append(ServiceState("kafka", ok, s.bootstrap, detail, self.kafka.log_path))
         else:
-            ok = _safe(lambda: probe(s.bootstrap)) if s.kafka_security_protocol == "PLAINTEXT" else True
+            ok = _safe(kafka_probe)
             states.append(ServiceState("kafka", ok, s.bootstrap, "external", managed=False))
         if self.postgres is not None:
             running = self.postgres.running

@@ -27,7 +27,7 @@ from aiokafka import TopicPartition
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from mode import CrashingSupervisor
 
-from infra.kafka.clients import ssl_context
+from infra.kafka.clients import client_settings, ssl_context
 from infra.settings import Settings
 from processors.records import RecordView
 
@@ -108,6 +108,7 @@ class ProcessorsApp(faust.App):
 
 
 def _credentials(settings: Settings) -> Any:
+    settings = client_settings(settings)  # the local broker's credentials, when it is used
     protocol = settings.kafka_security_protocol
     if protocol == "PLAINTEXT":
         return None

@@ -73,6 +73,7 @@ def base_settings(kafka: KafkaService, tmp_path: Path, test_id: str) -> Settings
         milvus_collection=f"c_{test_id}",
         instance_id=test_id,
         _env_file=None,  # type: ignore[call-arg]
+        **kafka.client,  # the session broker's credentials (it is authenticated, like `ragbus up`'s)
     )
 
 

@@ -11,16 +11,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infra.kafka.broker import LocalKafka
+from pydantic import SecretStr
+
+from infra.kafka.broker import BrokerAuth, LocalKafka, ScramUser
 from infra.postgres.server import LocalPostgres
 from infra.procs import free_port
+from schemas.tenants import COMPONENTS_USER, SCRAM_MECHANISM
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,8 @@ class KafkaService:
     bootstrap: str
     kind: str  # "env" | "docker" | "local"
     local: LocalKafka | None = None
+    #: Settings that connect to it as ragbus's components (the local broker is authenticated).
+    client: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -59,8 +65,26 @@ class PostgresService:
         return urlunsplit(urlsplit(self.dsn)._replace(path=f"/{database}"))
 
 
+def broker_auth(*, tls: bool = False) -> tuple[BrokerAuth, dict[str, Any]]:
+    """Authentication for a local broker of a test, as `ragbus up` sets it up (SCRAM-SHA-512 on the
+    client listener, ACLs, the components' super user), and the Settings fields of its components."""
+    password = secrets.token_urlsafe(24)
+    auth = BrokerAuth(
+        ScramUser(COMPONENTS_USER, password, SCRAM_MECHANISM), secrets.token_urlsafe(24), tls=tls
+    )
+    client = {
+        "kafka_security_protocol": auth.protocol,
+        "kafka_sasl_mechanism": SCRAM_MECHANISM,
+        "kafka_sasl_username": COMPONENTS_USER,
+        "kafka_sasl_password": SecretStr(password),
+    }
+    return auth, client
+
+
 @contextlib.contextmanager
-def kafka_service(workdir: Path, *, cache: Path, version: str) -> Iterator[KafkaService]:
+def kafka_service(workdir: Path, *, cache: Path, version: str, secure: bool = True) -> Iterator[KafkaService]:
+    """A broker for a test session or a bench; the local one is authenticated unless `secure` is
+    false (an open listener, to measure what SASL and ACLs cost)."""
     if os.environ.get(KAFKA_ENV):
         yield KafkaService(os.environ[KAFKA_ENV], "env")
         return
@@ -70,6 +94,7 @@ def kafka_service(workdir: Path, *, cache: Path, version: str) -> Iterator[Kafka
         with KafkaContainer("confluentinc/cp-kafka:7.9.0").with_kraft() as container:
             yield KafkaService(container.get_bootstrap_server(), "docker")
         return
+    auth, client = broker_auth() if secure else (None, {})
     broker = LocalKafka(
         workdir,
         cache=cache,
@@ -77,10 +102,11 @@ def kafka_service(workdir: Path, *, cache: Path, version: str) -> Iterator[Kafka
         port=free_port(),
         controller_port=free_port(),
         default_partitions=2,
+        auth=auth,
     )
     broker.start()
     try:
-        yield KafkaService(broker.bootstrap, "local", broker)
+        yield KafkaService(broker.bootstrap, "local", broker, client)
     finally:
         broker.stop()
 

@@ -4,6 +4,11 @@ Used by `ragbus up` and by the test fixtures when no cluster is named by RAGBUS_
 and no Docker engine answers. Data survives `stop()`/`start()`; `kill()` is a SIGKILL for
 crash tests. One node of a multi-node quorum (`infra.kafka.cluster`) is the same class with its
 node id, the quorum's voters, a shared cluster id and the replication of the internal topics.
+
+Authenticated with a `BrokerAuth` (what `ragbus up` gives it): SASL/SCRAM on the client listener
+and the StandardAuthorizer, so a process that can reach the port but holds no credentials gets no
+metadata, and a tenant's principal only what its ACLs allow. Without one (`--insecure`), today's
+open PLAINTEXT listener.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ import concurrent.futures
 import contextlib
 import logging
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -22,10 +26,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from aiokafka.helpers import create_ssl_context
 
 from infra.kafka.jars import ensure_jars
 from infra.kafka.tls import make_keystore
 from infra.procs import ServiceError, pid_alive, port_in_use, read_pid, tail, terminate
+from infra.secrets import generate_password, read_secret
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +44,34 @@ LOG4J2 = Path(__file__).with_name("log4j2.properties")
 class ScramUser:
     name: str
     password: str
-    mechanism: str = "SCRAM-SHA-256"
+    mechanism: str = "SCRAM-SHA-512"
+
+
+#: The principal brokers and controllers present to each other on the controller listener
+#: (SASL PLAIN with a password only the nodes' own config files hold).
+CONTROLLER_USER = "ragbus-controller"
 
 
 @dataclass
-class SaslSslListener:
-    """An extra SASL_SSL listener with SCRAM users, created when the storage is formatted."""
+class BrokerAuth:
+    """An authenticated broker: the client listener speaks SASL (SCRAM) — over TLS with a
+    self-signed certificate when `tls` — and the StandardAuthorizer allows nothing without an ACL.
 
-    port: int
+    `super_user` (created with `kafka-storage format --add-scram`) is the principal ragbus's own
+    components use; brokers also use it among themselves on the client listener (inter-broker).
+    The controller listener takes SASL PLAIN from `CONTROLLER_USER` only: an anonymous client that
+    reaches it gets no principal, let alone a super user's. `users` are further SCRAM users made at
+    format time (tests).
+    """
+
+    super_user: ScramUser
+    controller_password: str
+    tls: bool = False
     users: list[ScramUser] = field(default_factory=list)
+
+    @property
+    def protocol(self) -> str:
+        return "SASL_SSL" if self.tls else "SASL_PLAINTEXT"
 
 
 class LocalKafka:
@@ -58,7 +85,8 @@ class LocalKafka:
         port: int = 9092,
         controller_port: int = 9093,
         heap: str = "768m",
-        sasl_ssl: SaslSslListener | None = None,
+        auth: BrokerAuth | None = None,
+        tls_dir: Path | None = None,
         default_partitions: int = 1,
         node_id: int = 1,
         voters: str | None = None,
@@ -72,7 +100,9 @@ class LocalKafka:
         self.port = port
         self.controller_port = controller_port
         self.heap = heap
-        self.sasl_ssl = sasl_ssl
+        #: None: today's open PLAINTEXT listener without an authorizer (`ragbus up --insecure`).
+        self.auth = auth
+        self._tls_dir = tls_dir
         self.default_partitions = default_partitions
         self.node_id = node_id
         #: `controller.quorum.voters` (id@host:port,...); None: this node alone.
@@ -103,7 +133,20 @@ class LocalKafka:
 
     @property
     def tls_dir(self) -> Path:
-        return self.root / "tls"
+        """The keystore and CA; a cluster's nodes share one (clients trust one CA)."""
+        return self._tls_dir or self.root / "tls"
+
+    @property
+    def auth_marker(self) -> Path:
+        """Written when the storage is formatted with the components' SCRAM user: a storage
+        formatted without it cannot serve an authenticated listener (nobody could log in)."""
+        return self.root / "scram-formatted"
+
+    @property
+    def listener_path(self) -> Path:
+        """The client listener's security protocol of the last start, for clients of the local
+        broker that name none (`infra.kafka.clients.client_settings`)."""
+        return self.root / "client-listener"
 
     @property
     def ca_file(self) -> Path:
@@ -113,9 +156,19 @@ class LocalKafka:
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
 
-    @property
-    def sasl_bootstrap(self) -> str | None:
-        return f"{self.host}:{self.sasl_ssl.port}" if self.sasl_ssl else None
+    def client_security(self) -> dict[str, Any]:
+        """aiokafka options for connecting as the components' super user (readiness probes)."""
+        if self.auth is None:
+            return {}
+        kw: dict[str, Any] = {
+            "security_protocol": self.auth.protocol,
+            "sasl_mechanism": self.auth.super_user.mechanism,
+            "sasl_plain_username": self.auth.super_user.name,
+            "sasl_plain_password": self.auth.super_user.password,
+        }
+        if self.auth.tls:
+            kw["ssl_context"] = create_ssl_context(cafile=str(self.ca_file))
+        return kw
 
     @property
     def pid(self) -> int | None:
@@ -131,23 +184,25 @@ class LocalKafka:
     # --- configuration ---------------------------------------------------------------------
     def _keystore_password(self) -> str:
         path = self.tls_dir / "password"
-        if not path.exists():
-            self.tls_dir.mkdir(parents=True, exist_ok=True)
-            path.write_text(secrets.token_urlsafe(18))
-            path.chmod(0o600)
-        return path.read_text().strip()
+        if read_secret(path) is None:
+            write_private(path, generate_password())
+        return read_secret(path)  # type: ignore[return-value]
 
     def _properties(self) -> dict[str, str]:
         h = self.host
         rf, isr = str(self.replication), str(min_insync(self.replication))
-        listeners = [f"PLAINTEXT://{h}:{self.port}", f"CONTROLLER://{h}:{self.controller_port}"]
-        protocol_map = ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT"]
+        client = "PLAINTEXT" if self.auth is None else "CLIENT"
+        listeners = [f"{client}://{h}:{self.port}", f"CONTROLLER://{h}:{self.controller_port}"]
+        if self.auth is None:
+            protocol_map = ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT"]
+        else:
+            protocol_map = [f"CLIENT:{self.auth.protocol}", "CONTROLLER:SASL_PLAINTEXT"]
         props = {
             "process.roles": "broker,controller",
             "node.id": str(self.node_id),
             "controller.quorum.voters": self.voters or f"{self.node_id}@{h}:{self.controller_port}",
             "controller.listener.names": "CONTROLLER",
-            "inter.broker.listener.name": "PLAINTEXT",
+            "inter.broker.listener.name": client,
             "log.dirs": str(self.data_dir),
             "num.partitions": str(self.default_partitions),
             "default.replication.factor": rf,
@@ -178,35 +233,59 @@ class LocalKafka:
             # each sit out the stop timeout. Without it a stopping node's partitions move to the
             # others once its session ends (6 s); its log is flushed and closed cleanly either way.
             props["controlled.shutdown.enable"] = "false"
-        if self.sasl_ssl is not None:
-            p12, _ = self.tls_dir / "broker.p12", self.ca_file
-            pw = self._keystore_password()
-            listeners.append(f"SASL_SSL://{h}:{self.sasl_ssl.port}")
-            protocol_map.append("SASL_SSL:SASL_SSL")
-            mechanisms = sorted({u.mechanism for u in self.sasl_ssl.users} or {"SCRAM-SHA-256"})
-            props["sasl.enabled.mechanisms"] = ",".join(mechanisms)
-            for mech in mechanisms:
-                props[f"listener.name.sasl_ssl.{mech.lower()}.sasl.jaas.config"] = (
-                    "org.apache.kafka.common.security.scram.ScramLoginModule required;"
-                )
-            props.update(
-                {
-                    "ssl.keystore.type": "PKCS12",
-                    "ssl.keystore.location": str(p12),
-                    "ssl.keystore.password": pw,
-                    "ssl.key.password": pw,
-                    "ssl.client.auth": "none",
-                }
-            )
+        if self.auth is not None:
+            props.update(self._auth_properties(self.auth))
         props["listeners"] = ",".join(listeners)
         props["advertised.listeners"] = ",".join(x for x in listeners if not x.startswith("CONTROLLER"))
         props["listener.security.protocol.map"] = ",".join(protocol_map)
         return props
 
+    def _auth_properties(self, auth: BrokerAuth) -> dict[str, str]:
+        """SCRAM on the client listener (also inter-broker), PLAIN on the controller listener,
+        and the KRaft StandardAuthorizer denying whatever no ACL allows."""
+        su, cpw = auth.super_user, auth.controller_password
+        mechanisms = sorted({su.mechanism, *(u.mechanism for u in auth.users)})
+        props = {
+            "sasl.enabled.mechanisms": ",".join(mechanisms),
+            "sasl.mechanism.inter.broker.protocol": su.mechanism,
+            "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+            "sasl.mechanism.controller.protocol": "PLAIN",
+            # Server side: the one user it accepts; client side (broker → controller): who it is.
+            "listener.name.controller.plain.sasl.jaas.config": (
+                "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                f'username="{CONTROLLER_USER}" password="{cpw}" user_{CONTROLLER_USER}="{cpw}";'
+            ),
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "allow.everyone.if.no.acl.found": "false",
+            "super.users": f"User:{su.name};User:{CONTROLLER_USER}",
+        }
+        for mech in mechanisms:
+            # The credentials are those a broker logs in with to its peers (inter-broker); the
+            # server side checks clients against the SCRAM credentials in the metadata log.
+            props[f"listener.name.client.{mech.lower()}.sasl.jaas.config"] = (
+                "org.apache.kafka.common.security.scram.ScramLoginModule required "
+                f'username="{su.name}" password="{su.password}";'
+            )
+        if auth.tls:
+            pw = self._keystore_password()
+            props.update(
+                {
+                    "ssl.keystore.type": "PKCS12",
+                    "ssl.keystore.location": str(self.tls_dir / "broker.p12"),
+                    "ssl.keystore.password": pw,
+                    "ssl.key.password": pw,
+                    "ssl.client.auth": "none",
+                    # Brokers talk to each other on this listener too: they trust the one CA.
+                    "ssl.truststore.type": "PEM",
+                    "ssl.truststore.location": str(self.ca_file),
+                }
+            )
+        return props
+
     def _write_config(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        """server.properties holds the passwords of the listeners: 0600 in a 0700 folder."""
         text = "".join(f"{k}={v}\n" for k, v in self._properties().items())
-        self.config_path.write_text("# written by ragbus; edits are overwritten at start\n" + text)
+        write_private(self.config_path, "# written by ragbus; edits are overwritten at start\n" + text)
 
     def _java(self, libs: Path, main: str, *args: str, heap: str = "256m") -> list[str]:
         return [
@@ -229,13 +308,21 @@ class LocalKafka:
     def prepare(self) -> Path:
         """Resolve jars, write the config and format KRaft storage on first use."""
         libs = ensure_jars(self.cache, self.version)
-        if self.sasl_ssl is not None and not (self.tls_dir / "broker.p12").exists():
+        if self.auth is not None and self.auth.tls and not (self.tls_dir / "broker.p12").exists():
             make_keystore(self.tls_dir, self._keystore_password(), self.host)
+        if self.auth is not None and self.formatted and not self.auth_marker.exists():
+            raise ServiceError(
+                f"the local Kafka storage under {self.root} was formatted without authentication, so "
+                "no user could log in to an authenticated listener; start it with `ragbus up "
+                "--insecure` (RAGBUS_INSECURE=1), or remove that folder (its data is lost) to start "
+                "it secure"
+            )
         self._write_config()
         if not self.formatted:
             cluster_id = self.cluster_id or new_cluster_id()
             args = ["format", f"--cluster-id={cluster_id}", "-c", str(self.config_path)]
-            for user in self.sasl_ssl.users if self.sasl_ssl else []:
+            users = [self.auth.super_user, *self.auth.users] if self.auth else []
+            for user in users:
                 args += ["--add-scram", f"{user.mechanism}=[name={user.name},password={user.password}]"]
             out = subprocess.run(
                 self._java(libs, "kafka.tools.StorageTool", *args),
@@ -247,12 +334,15 @@ class LocalKafka:
                 fmt_log = self.root / "format.log"
                 fmt_log.write_text(out.stdout + out.stderr)
                 raise ServiceError("formatting the KRaft storage failed", fmt_log)
+            if self.auth is not None:
+                self.auth_marker.write_text(f"{self.auth.super_user.name}\n")
+        self.listener_path.write_text((self.auth.protocol if self.auth else "PLAINTEXT") + "\n")
         return libs
 
     # --- lifecycle -------------------------------------------------------------------------
     def check_ports(self) -> None:
         """Raise a clear error when a port this node listens on is taken by another process."""
-        for port in (self.port, self.controller_port, *([self.sasl_ssl.port] if self.sasl_ssl else [])):
+        for port in (self.port, self.controller_port):
             if port_in_use(port, self.host):
                 raise ServiceError(
                     f"port {port} on {self.host} is taken by another process; free it or set "
@@ -296,7 +386,7 @@ class LocalKafka:
                     f"the Kafka broker exited during start-up:\n{tail(self.log_path, 15)}", self.log_path
                 )
             try:
-                if probe(self.bootstrap, timeout=5.0):
+                if probe(self.bootstrap, timeout=5.0, **self.client_security()):
                     return
             except Exception as e:  # noqa: BLE001 - any failure is an answer here
                 last = e
@@ -331,16 +421,30 @@ class LocalKafka:
         self.pid_path.unlink(missing_ok=True)
 
 
-async def _live_brokers(bootstrap: str, timeout: float) -> set[int]:
+async def _live_brokers(bootstrap: str, timeout: float, security: dict[str, Any]) -> set[int]:
     from aiokafka.client import AIOKafkaClient
 
-    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000), **security)
     try:
         await asyncio.wait_for(client.bootstrap(), timeout)
         metadata = await asyncio.wait_for(client.fetch_all_metadata(), timeout)
         return {b.nodeId for b in metadata.brokers()}
     finally:
         await client.close()
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `path` as 0600 (atomically) in a folder made 0700: config files and keys that hold
+    passwords. Only that folder is tightened, never its parents."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.chmod(0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def min_insync(replication: int) -> int:
@@ -371,15 +475,18 @@ def _open_addresses(bootstrap: str, timeout: float) -> list[str]:
     return found
 
 
-def probe(bootstrap: str, timeout: float = 5.0) -> bool:
-    """True when a broker at `bootstrap` answers metadata; callable from sync and async code."""
-    return bool(probe_brokers(bootstrap, timeout))
+def probe(bootstrap: str, timeout: float = 5.0, **security: Any) -> bool:
+    """True when a broker at `bootstrap` answers metadata; callable from sync and async code.
+    `security`: aiokafka's security options (an authenticated broker answers only with them)."""
+    return bool(probe_brokers(bootstrap, timeout, **security))
 
 
-def probe_brokers(bootstrap: str, timeout: float = 5.0) -> set[int]:
+def probe_brokers(bootstrap: str, timeout: float = 5.0, **security: Any) -> set[int]:
     """The ids of the live brokers the cluster at `bootstrap` lists in its metadata (a KRaft
     cluster lists only registered, unfenced brokers); empty when nothing answers."""
     reachable = _open_addresses(bootstrap, timeout)
     if not reachable:
         return set()
-    return _probe_pool.submit(asyncio.run, _live_brokers(",".join(reachable), timeout)).result(timeout + 5)
+    return _probe_pool.submit(asyncio.run, _live_brokers(",".join(reachable), timeout, security)).result(
+        timeout + 5
+    )

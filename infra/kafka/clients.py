@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.helpers import create_ssl_context
+from pydantic import SecretStr
 
 from infra.kafka import unreadable
+from infra.procs import ServiceError
+from infra.secrets import components_password_path, read_secret
 from infra.settings import Settings
+from schemas.tenants import COMPONENTS_USER, SCRAM_MECHANISM
 
 # A record the client cannot parse must not stop a partition (see infra.kafka.unreadable).
 unreadable.install()
@@ -25,8 +30,71 @@ unreadable.install()
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
 
+#: Where `ragbus up` keeps the local broker, and a local cluster (`infra.stack`).
+LOCAL_BROKER_DIR = "broker"
+LOCAL_CLUSTER_DIR = "kafka-cluster"
+
+
+def local_kafka_dir(settings: Settings) -> Path:
+    return settings.home / (LOCAL_CLUSTER_DIR if settings.kafka_brokers > 1 else LOCAL_BROKER_DIR)
+
+
+def local_ca_file(settings: Settings) -> Path:
+    """The self-signed CA of the local broker's TLS listener (`kafka_local_tls`)."""
+    return local_kafka_dir(settings) / "tls" / "ca.pem"
+
+
+def local_listener(settings: Settings) -> str | None:
+    """The client listener's protocol the local broker was last started with (None: never)."""
+    root = local_kafka_dir(settings)
+    marker = (root / "node-1" if settings.kafka_brokers > 1 else root) / "client-listener"
+    try:
+        return marker.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def client_settings(settings: Settings) -> Settings:
+    """The one place that fills in how a client of the LOCAL broker authenticates.
+
+    Unless `insecure` (or the broker was started with `ragbus up --insecure`), the local broker
+    takes SASL (SCRAM-SHA-512; over TLS with `kafka_local_tls`) and ACLs only: a client that names
+    no security protocol acts as ragbus's components (`schemas.tenants.COMPONENTS_USER`) with the
+    password `ragbus up` generated under the home. Settings that name a protocol or a remote
+    cluster (RAGBUS_KAFKA_BOOTSTRAP, RAGBUS_KAFKA_SECURITY_PROTOCOL, a tenant's principal from
+    `infra.secrets.as_tenant`) are used as they are."""
+    if not settings.uses_local_kafka or settings.insecure or settings.kafka_security_protocol != "PLAINTEXT":
+        return settings
+    listener = local_listener(settings)
+    if listener == "PLAINTEXT":
+        return settings  # the broker was started open (`ragbus up --insecure`)
+    path = components_password_path(settings)
+    password = read_secret(path)
+    if password is None:
+        raise ServiceError(
+            f"no Kafka credentials: {path} does not exist; start the local broker with `ragbus up` "
+            "(it creates them), or set RAGBUS_INSECURE=1 for a broker started with `ragbus up --insecure`"
+        )
+    tls = settings.kafka_local_tls or listener == "SASL_SSL"
+    update: dict[str, Any] = {
+        "kafka_security_protocol": "SASL_SSL" if tls else "SASL_PLAINTEXT",
+        "kafka_sasl_mechanism": SCRAM_MECHANISM,
+        "kafka_sasl_username": COMPONENTS_USER,
+        "kafka_sasl_password": SecretStr(password),
+    }
+    if tls and settings.kafka_ssl_cafile is None:
+        update["kafka_ssl_cafile"] = local_ca_file(settings)
+    return settings.model_copy(update=update)
+
+
+def is_secured(settings: Settings) -> bool:
+    """Whether clients of these settings authenticate (SASL) — then ACLs and users apply."""
+    return client_settings(settings).kafka_security_protocol.startswith("SASL")
+
+
 def security_kwargs(settings: Settings, **override: Any) -> dict[str, Any]:
     """SSL and SASL options shared by producers, consumers and the admin client."""
+    settings = client_settings(settings)
     protocol = override.get("security_protocol", settings.kafka_security_protocol)
     kw: dict[str, Any] = {"security_protocol": protocol}
     if protocol in ("SSL", "SASL_SSL"):

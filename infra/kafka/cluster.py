@@ -9,6 +9,8 @@ Layout under `root`: `node-<i>/` per node (its own config, data, log and pid fil
 (all nodes are formatted with it) and `brokers` (how many nodes the storage was formatted for: the
 voter set is fixed at that point, so a later start with another count is refused).
 Node i listens on `port + 2(i-1)` (clients) and `controller_port + 2(i-1)` (the quorum).
+Authenticated like one broker (`infra.kafka.broker.BrokerAuth`): brokers replicate as the
+components' SCRAM super user, and the quorum speaks SASL PLAIN with a password of its own.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import time
 from pathlib import Path
 
-from infra.kafka.broker import LocalKafka, new_cluster_id, probe, probe_brokers
+from infra.kafka.broker import BrokerAuth, LocalKafka, new_cluster_id, probe, probe_brokers
 from infra.procs import ServiceError
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ class LocalKafkaCluster:
         ports: list[tuple[int, int]] | None = None,
         heap: str = CLUSTER_HEAP,
         default_partitions: int = 1,
+        auth: BrokerAuth | None = None,
     ) -> None:
         if brokers < 2:
             raise ValueError("a local cluster has 2 or more brokers; one broker is LocalKafka")
@@ -75,6 +78,10 @@ class LocalKafkaCluster:
                 node_id=i + 1,
                 voters=voters,
                 replication=replication,
+                # Every node the same users and controller password; with TLS one keystore, so
+                # clients trust one CA.
+                auth=auth,
+                tls_dir=root / "tls",
             )
             for i, (bport, cport) in enumerate(ports)
         ]
@@ -92,6 +99,10 @@ class LocalKafkaCluster:
     @property
     def log_path(self) -> Path:
         return self.nodes[0].log_path
+
+    @property
+    def ca_file(self) -> Path:
+        return self.nodes[0].ca_file
 
     def node(self, node_id: int) -> LocalKafka:
         return self.nodes[node_id - 1]
@@ -155,7 +166,7 @@ class LocalKafkaCluster:
                         f"Kafka node {node.node_id} exited during start-up; see its log", node.log_path
                     )
             try:
-                live = probe_brokers(self.bootstrap, timeout=5.0)
+                live = probe_brokers(self.bootstrap, timeout=5.0, **self.nodes[0].client_security())
             except Exception:  # noqa: BLE001 - not answering yet is an answer here
                 live = set()
             if live >= {n.node_id for n in self.nodes} and all(_answers(n) for n in self.nodes):
@@ -184,6 +195,6 @@ class LocalKafkaCluster:
 def _answers(node: LocalKafka) -> bool:
     """Whether `node` itself answers a metadata request on its client listener."""
     try:
-        return probe(node.bootstrap, timeout=5.0)
+        return probe(node.bootstrap, timeout=5.0, **node.client_security())
     except Exception:  # noqa: BLE001 - not answering yet is an answer here
         return False

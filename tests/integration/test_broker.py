@@ -14,12 +14,20 @@ from infra.kafka.topics import declare_topics
 from infra.procs import free_port
 from infra.settings import Settings
 from tests.conftest import CACHE, KAFKA_VERSION
+from tests.provision import broker_auth
+
+AUTH, CLIENT = broker_auth()
 
 
 @pytest.fixture
 def own_broker(tmp_path: Path):
     broker = LocalKafka(
-        tmp_path / "broker", cache=CACHE, version=KAFKA_VERSION, port=free_port(), controller_port=free_port()
+        tmp_path / "broker",
+        cache=CACHE,
+        version=KAFKA_VERSION,
+        port=free_port(),
+        controller_port=free_port(),
+        auth=AUTH,
     )
     yield broker
     broker.stop()
@@ -60,10 +68,14 @@ async def test_start_stop_restart_keeps_messages(own_broker: LocalKafka, tmp_pat
     proc = psutil.Process(own_broker.pid)
     assert proc.name() == "java" and "kafka.Kafka" in proc.cmdline()
     s = Settings(
-        kafka_bootstrap=own_broker.bootstrap, topic_prefix="life", kafka_partitions=1, _env_file=None
+        kafka_bootstrap=own_broker.bootstrap,
+        topic_prefix="life",
+        kafka_partitions=1,
+        _env_file=None,  # type: ignore[call-arg]
+        **CLIENT,
     )
-    await declare_topics(s, tenants=["acme"])
-    topic = s.topics.tenant("acme").requests("chat")
+    await declare_topics(s, tenants=["default"])
+    topic = s.topics.tenant("default").requests("chat")
     await _produce(s, topic, 50)
 
     own_broker.stop()

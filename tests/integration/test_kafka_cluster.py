@@ -28,6 +28,10 @@ from infra.settings import Settings
 from schemas import ChatRequest, ChatResponse
 from tests.conftest import CACHE, KAFKA_VERSION, unique
 from tests.helpers import read_events, wait_for
+from tests.provision import broker_auth
+
+#: Authenticated like `ragbus up --brokers 3`: brokers replicate as the components' SCRAM user.
+AUTH, CLIENT = broker_auth()
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +46,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafkaClus
     """Always a local cluster of our own (never RAGBUS_TEST_KAFKA_BOOTSTRAP): the test kills a broker."""
     ports = [(free_port(), free_port()) for _ in range(3)]
     cluster = LocalKafkaCluster(
-        tmp_path_factory.mktemp("kafka-cluster"), cache=CACHE, version=KAFKA_VERSION, brokers=3, ports=ports
+        tmp_path_factory.mktemp("kafka-cluster"),
+        cache=CACHE,
+        version=KAFKA_VERSION,
+        brokers=3,
+        ports=ports,
+        auth=AUTH,
     )
     cluster.start(timeout=180)
     try:
@@ -58,6 +67,7 @@ def _settings(cluster: LocalKafkaCluster, tmp_path: Path) -> Settings:
         kafka_partitions=3,
         home=tmp_path / "home",
         _env_file=None,  # type: ignore[call-arg]
+        **CLIENT,
     )
 
 
@@ -66,8 +76,10 @@ async def _echo(settings: Settings, stop: asyncio.Event, restarts: list[str]) ->
     through TransactionalPublisher (answers and offsets in one transaction). When its publisher
     fails (the broker gone past retries) this incarnation ends and a new one with the same
     transactional id fences it and resumes from the committed offsets, as a restarted process would."""
-    own = settings.topics.tenant("acme")
-    requests, responses = own.requests("chat"), own.responses("chat")
+    requests, responses = (
+        settings.topics.tenant("default").requests("chat"),
+        settings.topics.tenant("default").responses("chat"),
+    )
     group = f"{settings.topic_prefix}.echo"
     while not stop.is_set():
         publisher = TransactionalPublisher(
@@ -106,7 +118,10 @@ async def _produce(settings: Settings, start: int, n: int) -> None:
         for i in range(start, start + n):
             enc = encode(ChatRequest(question=f"q{i}", tenant_id="acme", request_id=f"r{i}"))
             await producer.send(
-                settings.topics.tenant("acme").requests("chat"), enc.value, key=enc.key, headers=enc.headers
+                settings.topics.tenant("default").requests("chat"),
+                enc.value,
+                key=enc.key,
+                headers=enc.headers,
             )
         await asyncio.wait_for(producer.flush(), 60)
     finally:
@@ -116,7 +131,7 @@ async def _produce(settings: Settings, start: int, n: int) -> None:
 async def _answered(settings: Settings) -> Counter[str]:
     """Answers per request id, as a read_committed reader sees the responses topic."""
     answers = await read_events(
-        settings, settings.topics.tenant("acme").responses("chat"), ChatResponse, timeout=20
+        settings, settings.topics.tenant("default").responses("chat"), ChatResponse, timeout=20
     )
     return Counter(a.request_id for a in answers)
 
@@ -125,15 +140,15 @@ async def test_declared_topics_are_replicated_three_times(cluster: LocalKafkaClu
     s = _settings(cluster, tmp_path)
     from infra.kafka.topics import declare_topics
 
-    declared = await declare_topics(s, tenants=["acme"])
+    declared = await declare_topics(s, tenants=["default"])
     assert declared.replication_factor == 3 and declared.created
     admin = make_admin(s)
     await admin.start()
     try:
         assert await active_controller(admin) in (1, 2, 3)  # what `ragbus status` shows
-        described = await admin.describe_topics(s.topics.all() + s.topics.tenant("acme").all())
+        described = await admin.describe_topics(s.topics.all() + s.topics.tenant("default").all())
         assert all(len(p["replicas"]) == 3 for t in described for p in t["partitions"])
-        name = s.topics.tenant("acme").requests("chat")
+        name = s.topics.tenant("default").requests("chat")
         configs = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)])
         values = {entry[0]: entry[1] for entry in configs[0].resources[0][4]}
         assert values["min.insync.replicas"] == "2"
@@ -149,7 +164,7 @@ async def test_exactly_once_through_a_broker_crash(cluster: LocalKafkaCluster, t
     from infra.kafka.topics import declare_topics
 
     s = _settings(cluster, tmp_path)
-    await declare_topics(s, tenants=["acme"])
+    await declare_topics(s, tenants=["default"])
     stop, restarts = asyncio.Event(), []
     echo = asyncio.create_task(_echo(s, stop, restarts))
     try:

@@ -1,5 +1,6 @@
-"""With SASL_SSL (SCRAM) on the local broker, a client without credentials is refused and one
-with them works (TLS verified against the broker's certificate)."""
+"""With TLS on the local broker's authenticated listener (SASL_SSL, SCRAM-SHA-512; what
+RAGBUS_KAFKA_LOCAL_TLS=1 starts), a client without valid credentials is refused and one with them
+works (TLS verified against the broker's certificate)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ import pytest
 from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 
-from infra.kafka.broker import LocalKafka, SaslSslListener, ScramUser
+from infra.kafka.broker import LocalKafka
 from infra.kafka.clients import make_producer
 from infra.kafka.topics import declare_topics
 from infra.procs import free_port
 from infra.settings import Settings
 from infra.smoke import round_trip
 from tests.conftest import CACHE, KAFKA_VERSION
+from tests.provision import broker_auth
+
+AUTH, CLIENT = broker_auth(tls=True)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +30,7 @@ def secure_broker(tmp_path_factory: pytest.TempPathFactory):
         version=KAFKA_VERSION,
         port=free_port(),
         controller_port=free_port(),
-        sasl_ssl=SaslSslListener(free_port(), [ScramUser("alice", "alice-secret", "SCRAM-SHA-256")]),
+        auth=AUTH,
     )
     broker.start()
     yield broker
@@ -35,11 +39,8 @@ def secure_broker(tmp_path_factory: pytest.TempPathFactory):
 
 def _settings(broker: LocalKafka, **kw: object) -> Settings:
     base: dict[str, object] = {
-        "kafka_bootstrap": broker.sasl_bootstrap,
-        "kafka_security_protocol": "SASL_SSL",
-        "kafka_sasl_mechanism": "SCRAM-SHA-256",
-        "kafka_sasl_username": "alice",
-        "kafka_sasl_password": SecretStr("alice-secret"),
+        "kafka_bootstrap": broker.bootstrap,
+        **CLIENT,
         "kafka_ssl_cafile": broker.ca_file,
         "topic_prefix": "secure",
         "kafka_partitions": 1,
@@ -72,7 +73,7 @@ async def test_client_without_valid_credentials_is_refused(secure_broker: LocalK
     with pytest.raises(KafkaError):
         try:
             await producer.start()
-            await producer.send_and_wait("secure.chat.requests", b"should never land")
+            await producer.send_and_wait("secure.t.default.chat.requests", b"should never land")
         finally:
             await producer.stop()
 

@@ -60,7 +60,7 @@ async def _group(settings: Settings, group: str) -> GroupInfo:
 
 
 async def test_idle_group_on_transactional_topic_has_no_lag(settings: Settings) -> None:
-    topic = settings.topics.tenant("t").requests("chat")
+    topic = settings.topics.tenant("default").requests("chat")
     group = f"{settings.topic_prefix}.lag-test"
     await _write(settings, topic, [3, 1, 4, 2])  # N=10 records in K=4 transactions
     await _write(settings, topic, [2], abort=True)  # never delivered to a read_committed group
@@ -84,7 +84,7 @@ async def test_idle_group_on_transactional_topic_has_no_lag(settings: Settings) 
 
 
 async def test_lag_count_is_bounded_and_says_so(settings: Settings) -> None:
-    topic = settings.topics.tenant("t").requests("chat")
+    topic = settings.topics.tenant("default").requests("chat")
     await _write(settings, topic, [5])
     tps = [TopicPartition(topic, p) for p in range(settings.kafka_partitions or 1)]
     async with BacklogCounter(settings, limit=2) as counter:
