@@ -72,13 +72,23 @@ app.add_typer(topics_app, name="topics")
 
 
 @topics_app.command("declare")
-def topics_declare() -> None:
-    """Create the declared topics that are missing (idempotent)."""
+def topics_declare(
+    tenant: list[str] = typer.Option(
+        [],
+        "--tenant",
+        "-t",
+        help="Also declare this tenant's own topics (repeatable; default: RAGBUS_TENANT's). Topics "
+        "only: `ragbus tenants add` also creates the tenant's credentials and ACLs.",
+    ),
+) -> None:
+    """Create the declared topics that are missing and align the configs of existing ones
+    (idempotent): the shared topics and the named tenants' own."""
     import asyncio
 
     from infra.kafka.topics import declare_topics
 
-    d = asyncio.run(declare_topics(settings()))
+    s = settings()
+    d = asyncio.run(declare_topics(s, tenants=tenant or [s.tenant]))
     console.print(f"created: {len(d.created)}; already present: {len(d.existing)}")
     for name, (have, want) in d.under_partitioned.items():
         console.print(f"[yellow]{name}: {have} partitions, {want} declared[/yellow]")
