@@ -77,7 +77,7 @@ async def pipeline_settings(
         milvus_collection=f"c_{test_id}",
         pg_dsn=SecretStr(postgres.dsn_for(test_id)),
         _env_file=None,  # type: ignore[call-arg]
-        **overrides,
+        **{**kafka.client, **overrides},  # the session broker's credentials, as in conftest
     )
     await declare_topics(s, tenants=sorted({*TEST_TENANTS, *tenants}))
     return s

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
+import re
 import signal
-import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,7 +22,9 @@ import asyncpg
 import httpx
 import openai
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from infra.kafka.security import client_properties, ensure_tenant, rotate_tenant
 from infra.procs import free_port
 from infra.settings import Settings
 from producers.bulk.runner import request_id_for
@@ -36,6 +37,13 @@ from tests.provision import KafkaService, PostgresService
 SAMPLES = Path(__file__).resolve().parents[2] / "producers" / "samples"
 KEY = "sk-e2e-" + uuid.uuid4().hex
 TENANT = "northwind"
+
+
+async def rotate_or_add(settings: Settings, tenant: str):  # type: ignore[no-untyped-def]
+    """The tenant's credentials, as `ragbus tenants add` (or `rotate`, when it exists) prints them."""
+    return await ensure_tenant(settings, tenant, declare=False) or await rotate_tenant(settings, tenant)
+
+
 #: A second tenant, with a gateway key of its own and no documents.
 RIVAL, RIVAL_KEY = "rival", "sk-e2e-rival-" + uuid.uuid4().hex
 #: A tenant with no documents for the bulk job (short prompts).
@@ -164,48 +172,53 @@ async def test_openai_package_plain_async_and_streaming(pipeline: E2E) -> None:
         )
 
 
-@pytest.mark.skipif(shutil.which("kcat") is None, reason="kcat is not installed (apt-get install kcat)")
-async def test_kcat_round_trip(pipeline: E2E) -> None:
-    """What the README shows other systems doing: a JSON request in with kcat, its answer out."""
+async def test_a_plain_kafka_client_with_the_printed_credentials_round_trip(pipeline: E2E) -> None:
+    """What the README shows other systems doing: `ragbus tenants add` prints a tenant's client
+    properties; a plain Kafka client using exactly those (and raw JSON, no ragbus code) puts a
+    request on the tenant's topic and reads the answer from its reply topic. (Debian's kcat, the
+    README's example, links librdkafka 2.0.2, which cannot log in with SCRAM to Kafka 4.)"""
     s = pipeline.settings
-    request_id = f"kcat-{uuid.uuid4().hex[:8]}"
+    creds = await rotate_or_add(s, TENANT)
+    props = client_properties(s, creds)
+    jaas = dict(re.findall(r'(\w+)="([^"]*)"', props["sasl.jaas.config"]))
+    client = {
+        "bootstrap_servers": props["bootstrap.servers"],
+        "security_protocol": props["security.protocol"],
+        "sasl_mechanism": props["sasl.mechanism"],
+        "sasl_plain_username": jaas["username"],
+        "sasl_plain_password": jaas["password"],
+    }
+    request_id = f"plain-{uuid.uuid4().hex[:8]}"
     request = {
         "request_id": request_id,
         "tenant_id": TENANT,
-        "user_id": "kcat",
+        "user_id": "erp",
         "question": MEALS[0],
         "sampling": {"max_tokens": 20},  # not a cache hit of the earlier test's answer
     }
-    produce = await asyncio.to_thread(
-        subprocess.run,
-        ["kcat", "-P", "-b", s.bootstrap, "-t", s.topics.tenant(TENANT).requests("chat"), "-k", request_id],
-        input=json.dumps(request).encode(),
-        capture_output=True,
-        timeout=30,
-        check=False,
-    )
-    assert produce.returncode == 0, produce.stderr
-
-    def consume() -> dict[str, Any] | None:
-        out = subprocess.run(
-            [
-                *("kcat", "-C", "-b", s.bootstrap, "-t", s.topics.tenant(TENANT).responses("chat")),
-                *("-o", "beginning"),
-                *("-e", "-X", "isolation.level=read_committed", "-q", "-f", "%s\\n"),
-            ],
-            capture_output=True,
-            timeout=60,
-            check=False,
+    own = s.topics.tenant(TENANT)
+    async with AIOKafkaProducer(**client, acks="all") as producer:
+        await producer.send_and_wait(
+            own.requests("chat"), json.dumps(request).encode(), key=request_id.encode()
         )
-        for line in out.stdout.decode().splitlines():
-            if line.strip() and json.loads(line).get("request_id") == request_id:
-                return json.loads(line)
-        return None
+    consumer = AIOKafkaConsumer(
+        own.responses("chat"), **client, isolation_level="read_committed", auto_offset_reset="earliest"
+    )
+    await consumer.start()
 
     async def answered() -> dict[str, Any] | None:
-        return await asyncio.to_thread(consume)
+        batch = await consumer.getmany(timeout_ms=1000)
+        for records in batch.values():
+            for record in records:
+                body = json.loads(record.value)
+                if body.get("request_id") == request_id:
+                    return body
+        return None
 
-    response = await wait_for(answered, timeout=180, interval=1.0, what="the kcat request's answer")
+    try:
+        response = await wait_for(answered, timeout=180, interval=0.1, what="the plain client's answer")
+    finally:
+        await consumer.stop()
     assert response["error"] is None, response
     assert MEALS[1] in response["answer"], response
     assert response["citations"] and response["usage"]["completion_tokens"] > 0

@@ -23,10 +23,8 @@ The examples that once broke a component are kept as explicit cases (`REGRESSION
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +32,12 @@ from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.protocol.produce import ProduceRequest
+from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from infra.kafka.clients import make_consumer, make_producer
+from infra.kafka.clients import make_producer
 from infra.kafka.codec import DecodeError, decode, decode_record, salvage_envelope
 from infra.kafka.dlq import TENANT_MISMATCH, UNKNOWN_TENANT
 from infra.settings import Settings
@@ -224,23 +224,52 @@ def draw_records() -> list[Draw]:
     return drawn
 
 
-async def _produce_with_kcat(s: Settings, topic: str, header: bytes, value: bytes) -> int:
-    """Produce one record with header `header` (`key=value`, any bytes) to partition 0 with kcat;
-    its offset."""
-    tp = TopicPartition(topic, 0)
-    consumer = make_consumer(s, group_id=None)
-    await consumer.start()
+class _RawHeaderKey(str):
+    """A header key carrying bytes that are not UTF-8. aiokafka's pure-Python batch builder writes
+    a key as `key.encode("utf-8")`, so this key writes its raw bytes instead: the record a
+    non-Python producer (kcat, librdkafka, Java with a byte-level serializer) can put on a topic."""
+
+    raw: bytes
+
+    def __new__(cls, raw: bytes) -> _RawHeaderKey:
+        key = super().__new__(cls, raw.decode("latin-1"))
+        key.raw = raw
+        return key
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return self.raw
+
+
+async def _produce_raw_header(s: Settings, topic: str, header: bytes, value: bytes) -> int:
+    """Produce one record with header `header` (`key=value`, any bytes) to partition 0, through a
+    hand-built record batch sent as a plain ProduceRequest on an authenticated connection (Debian's
+    kcat cannot log in with SCRAM to Kafka 4); its offset."""
+    name, _, header_value = header.partition(b"=")
+    builder = _DefaultRecordBatchBuilderPy(
+        magic=2,
+        compression_type=0,
+        is_transactional=0,
+        producer_id=-1,
+        producer_epoch=-1,
+        base_sequence=-1,
+        batch_size=1 << 20,
+    )
+    builder.append(0, timestamp=None, key=b"u", value=value, headers=[(_RawHeaderKey(name), header_value)])
+    batch = bytes(builder.build())
+    producer = make_producer(s)
+    await producer.start()
     try:
-        before = (await consumer.end_offsets([tp]))[tp]
-        cmd = [b"kcat", b"-b", s.bootstrap.encode(), b"-P", b"-t", topic.encode(), b"-p", b"0", b"-H", header]
-        done = await asyncio.to_thread(
-            subprocess.run, cmd, input=value + b"\n", capture_output=True, timeout=60
+        await producer.partitions_for(topic)  # metadata for the topic, so its leader is known
+        leader = producer.client.cluster.leader_for_partition(TopicPartition(topic, 0))
+        request = ProduceRequest(
+            transactional_id=None, required_acks=-1, timeout=30_000, topics=[(topic, [(0, batch)])]
         )
-        assert done.returncode == 0, done.stderr
-        assert (await consumer.end_offsets([tp]))[tp] == before + 1
-        return before
+        response = await producer.client.send(leader, request)
     finally:
-        await consumer.stop()
+        await producer.stop()
+    (_topic, ((_partition, error_code, offset, *_rest),)), *_ = response.topics
+    assert error_code == 0, f"produce failed with error code {error_code}"
+    return offset
 
 
 @pytest.fixture(scope="module")
@@ -301,13 +330,13 @@ async def test_hostile_records_never_stop_a_component(pipeline: Pipeline) -> Non
         await producer.stop()
 
     # A record the Kafka client itself cannot parse (a header key that is not UTF-8): aiokafka's
-    # producer cannot write one, kcat can.
+    # producer API cannot write one, a raw record batch can.
     for suffix in CONSUMED:
         topic = topic_of(s, suffix)
-        offset = await _produce_with_kcat(
+        offset = await _produce_raw_header(
             s, topic, b"\xff\xfe=v", b'{"request_id": "u", "tenant_id": "acme"}'
         )
-        produced.append((Draw(suffix, None, None, (("ragbus-unreadable", b"by kcat"),)), topic, 0, offset))
+        produced.append((Draw(suffix, None, None, (("ragbus-unreadable", b"raw"),)), topic, 0, offset))
 
     # What each consumer must have made of them, computed from the contract alone.
     want_dlq: dict[tuple[str, int, int], str] = {}

@@ -9,7 +9,7 @@ import pytest
 from aiokafka import TopicPartition
 
 from infra.kafka.clients import make_admin, make_producer
-from infra.kafka.topics import declare_topics, wait_for_leaders
+from infra.kafka.topics import declare_topics, declared_names, wait_for_leaders
 from infra.settings import Settings
 from schemas.topics import TOPICS
 
@@ -17,9 +17,10 @@ from schemas.topics import TOPICS
 async def test_declared_topics_are_led_when_declare_returns(
     base_settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    declared = await declare_topics(base_settings)
+    declared = await declare_topics(base_settings, tenants=["acme"])
     names = sorted(declared.created)
-    assert len(names) == len(TOPICS)
+    assert names == sorted(declared_names(base_settings.topic_prefix, ["acme"]))
+    assert len(names) == len(TOPICS)  # the shared topics and one tenant's: each declared once
 
     admin = make_admin(base_settings)
     await admin.start()
