@@ -86,7 +86,7 @@ class Processors:
 
     @property
     def input_topics(self) -> list[str]:
-        t = self.settings.topics
+        t = self.settings.topics.tenant(self.settings.tenant)
         return [t.docs_ingest, *(t.requests(lane) for lane in LANES)]
 
     async def start(self) -> None:
@@ -111,7 +111,7 @@ class Processors:
         self.stages = {"ingest": ingest}
         agents = {
             "ingest": (
-                s.topics.docs_ingest,
+                s.topics.tenant(s.tenant).docs_ingest,
                 s.ingest_batch_size,
                 max(s.ingest_max_wait_ms, 1.0) / 1000,  # faust waits forever on 0
                 ingest.process,
@@ -121,7 +121,7 @@ class Processors:
             stage = RetrievalStage(s, self.publisher, self.embedder, self.store, lane=lane)
             self.stages[stage.name] = stage
             agents[stage.name] = (
-                s.topics.requests(lane),
+                s.topics.tenant(s.tenant).requests(lane),
                 s.embedding_batch_size,
                 max(s.embedding_max_wait_ms, 1.0) / 1000,
                 stage.process,
