@@ -88,6 +88,12 @@ class Settings(BaseSettings):
     kafka_compression: Compression = "lz4"
     kafka_linger_ms: int = Field(default=5, ge=0)
     kafka_request_timeout_ms: int = Field(default=30_000, ge=1000)
+    kafka_commit_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest one transactional commit (outputs + offsets) may take; past it the component "
+        "stops, to restart from the committed offsets, instead of hanging on a stuck broker.",
+    )
     kafka_partitions: int | None = Field(default=None, ge=1, description="Overrides every topic's count.")
     kafka_replication_factor: int | None = Field(
         default=None, ge=1, description="Of the declared topics; unset: min(3, brokers in the cluster)."
