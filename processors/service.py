@@ -113,7 +113,7 @@ class Processors:
             "ingest": (
                 s.topics.tenant(s.tenant).docs_ingest,
                 s.ingest_batch_size,
-                max(s.ingest_max_wait_ms, 1.0) / 1000,  # faust waits forever on 0
+                s.ingest_max_wait_ms / 1000,
                 ingest.process,
             )
         }
@@ -123,7 +123,7 @@ class Processors:
             agents[stage.name] = (
                 s.topics.tenant(s.tenant).requests(lane),
                 s.embedding_batch_size,
-                max(s.embedding_max_wait_ms, 1.0) / 1000,
+                s.embedding_max_wait_ms / 1000,
                 stage.process,
             )
         self.app = build_app(

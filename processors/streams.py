@@ -1,5 +1,6 @@
 """The faust-streaming app that feeds the processors: one agent per input topic, each reading
-micro-batches with `Stream.take_events(N, within=T)`.
+micro-batches: with a window (`Stream.take_events(N, within=T)`), or without one (a batch is what
+has arrived, up to N; the default for retrieval, where every millisecond of waiting is latency).
 
 Two departures from faust's defaults, both for exactly-once output through our own transactions
 (see `infra.kafka.publisher`):
@@ -87,7 +88,8 @@ def build_app(
     on_assigned: RebalanceHandler,
 ) -> ProcessorsApp:
     """A faust app in consumer group `group_id` with one agent per entry of `agents`:
-    name → (topic, max batch, max wait in seconds, handler)."""
+    name → (topic, max batch, max wait in seconds (0: none, a batch takes what has arrived),
+    handler)."""
     datadir = settings.home / "processors" / "faust"
     datadir.mkdir(parents=True, exist_ok=True)
     app = ProcessorsApp(
@@ -139,8 +141,22 @@ def _agent(
             return value
 
         stream.add_processor(arrived)
-        async for events in stream.take_events(max_batch, within=within):
-            await handler([RecordView.from_faust(e.message) for e in events])
+        if within > 0:
+            async for events in stream.take_events(max_batch, within=within):
+                await handler([RecordView.from_faust(e.message) for e in events])
+            return
+        # No window: a batch is whatever has arrived, closed as soon as nothing more is waiting.
+        # take_events cannot do this (its window is a timer that restarts after every batch, so
+        # even a lone request waits; with 0 it waits forever). Batches still grow under load: what
+        # arrives while a batch is embedded waits in the channel and forms the next one.
+        waiting = stream.channel.queue
+        batch: list[Any] = []
+        async for event in stream.events():
+            batch.append(event)
+            if len(batch) >= max_batch or waiting.empty():
+                records = [RecordView.from_faust(e.message) for e in batch]
+                batch = []
+                await handler(records)
 
     agent.__name__ = agent.__qualname__ = name.replace("-", "_")
     return agent
