@@ -75,6 +75,7 @@ async def measure(s: Settings, n: int, linger: int, backoff: int) -> list[str]:
         await c.start()
     await consumer.seek_to_end()
     hop, commit, txn_hop = [], [], []
+    phases: tuple[list[float], list[float], list[float]] = ([], [], [])
     try:
         for i in range(n + 5):
             key = uuid.uuid4().hex.encode()
@@ -86,13 +87,18 @@ async def measure(s: Settings, n: int, linger: int, backoff: int) -> list[str]:
             waiter = asyncio.create_task(seen(consumer, key))
             t2 = time.perf_counter()
             async with txn.transaction():
-                await txn.send(topic, b"x" * 200, key=key)
+                await (await txn.send(topic, b"x" * 200, key=key))
+                ta = time.perf_counter()
                 await txn.send_offsets_to_transaction({source: i + 1}, "hops-group")
+                tb = time.perf_counter()
             t3 = time.perf_counter()
             t4 = await waiter
             if i >= 5:  # warm-up
                 hop.append((t1 - t0) * 1000)
                 commit.append((t3 - t2) * 1000)
+                phases[0].append((ta - t2) * 1000)
+                phases[1].append((tb - ta) * 1000)
+                phases[2].append((t3 - tb) * 1000)
                 txn_hop.append((t4 - t2) * 1000)
     finally:
         for c in (consumer, plain, txn):
@@ -101,6 +107,9 @@ async def measure(s: Settings, n: int, linger: int, backoff: int) -> list[str]:
         line(f"plain send → seen (linger {linger})", hop),
         line(f"txn commit (linger {linger}, backoff {backoff})", commit),
         line(f"txn begin → seen (linger {linger}, backoff {backoff})", txn_hop),
+        line("  add partitions + produce", phases[0]),
+        line("  add offsets + offset commit", phases[1]),
+        line("  end transaction", phases[2]),
     ]
 
 
