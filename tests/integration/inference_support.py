@@ -84,7 +84,7 @@ async def responses(settings: Settings, lanes: tuple[Lane, ...] = ("chat", "bulk
     """Committed response records of both lanes (read_committed), as (record, ChatResponse)."""
     out = []
     for lane in lanes:
-        for record in await read_topic(settings, settings.topics.tenant("acme").responses(lane)):
+        for record in await read_topic(settings, settings.topics.responses(lane)):
             out.append((record, ChatResponse.model_validate_json(record.value)))
     return out
 

@@ -20,7 +20,7 @@ pytest.importorskip("llama_cpp")
 
 async def _streaming(settings: Settings) -> bool:
     """True once the worker is generating (TokenChunks are published as tokens arrive)."""
-    return bool(await read_events(settings, settings.topics.tenant("acme").tokens, TokenChunk, timeout=5))
+    return bool(await read_events(settings, settings.topics.tokens, TokenChunk, timeout=5))
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
@@ -65,7 +65,5 @@ async def test_sigkill_mid_batch_then_restart_answers_each_request_once(
     assert counts == {i: 1 for i in ids}, log.read_text()[-3000:]
     assert all(v[0].ok and v[0].answer for v in got.values())
     # The killed batch was streamed: its tokens were sent, yet its responses were never committed.
-    killed_tokens = {
-        t.request_id for t in await read_events(settings, settings.topics.tenant("acme").tokens, TokenChunk)
-    }
+    killed_tokens = {t.request_id for t in await read_events(settings, settings.topics.tokens, TokenChunk)}
     assert killed_tokens - before

@@ -52,7 +52,6 @@ async def test_sigkill_mid_stream_then_restart_yields_each_output_exactly_once(
 ) -> None:
     s = settings
     t = s.topics
-    tt = t.tenant(s.tenant)
     enriched_topics = [t.enriched("chat"), t.enriched("bulk")]
     rng = random.Random(11)
 
@@ -60,9 +59,9 @@ async def test_sigkill_mid_stream_then_restart_yields_each_output_exactly_once(
     try:
         # Up and indexing (the child loads the model first): the corpus comes back indexed.
         corpus = [ingest_event(d) for d in documents()]
-        await produce(s, tt.docs_ingest, corpus)
+        await produce(s, t.docs_ingest, corpus)
         indexed = await collect(
-            s, [tt.docs_ingested], IngestResult, [e.request_id for e in corpus], timeout=300
+            s, [t.docs_ingested], IngestResult, [e.request_id for e in corpus], timeout=300
         )
         assert all(r.status == "ok" for r in indexed.values())
 
@@ -80,9 +79,9 @@ async def test_sigkill_mid_stream_then_restart_yields_each_output_exactly_once(
             )
             for i in range(DOCS_DURING_CRASH)
         ]
-        await produce(s, tt.docs_ingest, docs)
+        await produce(s, t.docs_ingest, docs)
         for lane in ("chat", "bulk"):
-            await produce(s, tt.requests(lane), [r for r in requests if r.lane == lane])
+            await produce(s, t.requests(lane), [r for r in requests if r.lane == lane])
 
         await wait_for(
             lambda: _at_least(s, enriched_topics, 40), timeout=300, interval=0.2, what="the first results"
@@ -100,9 +99,7 @@ async def test_sigkill_mid_stream_then_restart_yields_each_output_exactly_once(
         enriched = await collect(
             s, enriched_topics, EnrichedRequest, [r.request_id for r in requests], timeout=300
         )
-        results = await collect(
-            s, [tt.docs_ingested], IngestResult, [d.request_id for d in docs], timeout=120
-        )
+        results = await collect(s, [t.docs_ingested], IngestResult, [d.request_id for d in docs], timeout=120)
     finally:
         if second.poll() is None:
             os.killpg(second.pid, signal.SIGTERM)
@@ -114,7 +111,7 @@ async def test_sigkill_mid_stream_then_restart_yields_each_output_exactly_once(
         out = enriched[req.request_id]
         assert out.request == req and out.chunks
     assert all(r.status == "ok" and r.chunks > 0 for r in results.values())
-    ingested = [r for r in await read_topic(s, tt.docs_ingested) if b"crash-" in r.value]
+    ingested = [r for r in await read_topic(s, t.docs_ingested) if b"crash-" in r.value]
     assert len(ingested) == DOCS_DURING_CRASH
 
     # Milvus holds each document once: replayed writes landed on the same rows.
@@ -146,7 +143,7 @@ async def test_a_fenced_processor_stops_and_its_work_is_redone_once(
     _, old_task, old_stop = await start_processors(s)
     try:
         async with running_processors(twin):
-            await produce(s, s.topics.tenant(s.tenant).requests("chat"), requests)
+            await produce(s, s.topics.requests("chat"), requests)
             ids = [r.request_id for r in requests]
             enriched = await collect(s, topics, EnrichedRequest, ids, timeout=180)
             with pytest.raises(ProcessorsError, match="fenced"):
