@@ -103,9 +103,7 @@ async def ask(
 ) -> None:
     started = time.perf_counter()
     try:
-        response = await client.ask(
-            question, tenant=client.settings.tenant, max_tokens=max_tokens, timeout=300
-        )
+        response = await client.ask(question, tenant="bench", max_tokens=max_tokens, timeout=300)
     except (ChatError, ChatTimeout) as e:
         errors.append(str(e))
         return
@@ -117,13 +115,13 @@ async def warm_up(client: ChatClient, max_tokens: int) -> None:
     deadline = time.monotonic() + 300
     while True:
         try:
-            await client.ask(QUESTIONS[0], tenant=client.settings.tenant, max_tokens=max_tokens, timeout=60)
+            await client.ask(QUESTIONS[0], tenant="bench", max_tokens=max_tokens, timeout=60)
             break
         except ChatTimeout:
             if time.monotonic() > deadline:
                 raise
     for q in QUESTIONS[1:4]:
-        await client.ask(q, tenant=client.settings.tenant, max_tokens=max_tokens, timeout=120)
+        await client.ask(q, tenant="bench", max_tokens=max_tokens, timeout=120)
 
 
 async def steady_load(s: Settings, args: argparse.Namespace) -> tuple[list[Sample], list[str], float]:
@@ -159,7 +157,7 @@ async def run(args: argparse.Namespace) -> None:
         work = Path(tmp)
         with kafka_service(work / "kafka", cache=CACHE, version=defaults.kafka_version) as kafka:
             s = bench_settings(kafka.bootstrap, work)
-            await declare_topics(s, tenants=[s.tenant])
+            await declare_topics(s)
             parts = [
                 ComponentProcess(s, ["processors", "run"], work / "processors.log"),
                 ComponentProcess(s, ["worker", "run"], work / "worker.log"),
@@ -168,7 +166,7 @@ async def run(args: argparse.Namespace) -> None:
                 p.start()
             try:
                 jobs, _ = discover([ROOT / "producers" / "samples" / "docs"])
-                report = await ingest_files(s, jobs, tenant=s.tenant, idle_timeout=300)
+                report = await ingest_files(s, jobs, tenant="bench", idle_timeout=300)
                 if len(report.indexed) != len(jobs):
                     raise SystemExit(f"ingesting the sample documents failed; see {work}/processors.log")
                 samples, errors, elapsed = await steady_load(s, args)

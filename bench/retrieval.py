@@ -185,7 +185,7 @@ async def run(args: argparse.Namespace) -> None:
         work = Path(tmp)
         with kafka_service(work / "kafka", cache=CACHE, version=defaults.kafka_version) as kafka:
             s = bench_settings(kafka.bootstrap, work)
-            await declare_topics(s, tenants=[s.tenant])
+            await declare_topics(s)
             processor = ComponentProcess(s, ["processors", "run"], work / "processors.log")
             try:
                 processor_qps, raw_qps = await _bench(s, processor, model, args, rng)
@@ -219,11 +219,11 @@ async def _bench(  # type: ignore[no-untyped-def]
 ) -> tuple[float, float]:
     # 1. the corpus, through docs.ingest (the first start includes loading the model)
     docs = corpus(args.docs, rng)
-    results = Collector(s, s.topics.tenant(s.tenant).docs_ingested)
+    results = Collector(s, s.topics.docs_ingested)
     await results.start()
     processor.start()
     with tqdm(total=len(docs), desc="ingest", unit="doc") as bar:
-        await produce(s, s.topics.tenant(s.tenant).docs_ingest, docs)
+        await produce(s, s.topics.docs_ingest, docs)
         # from the first result on: loading the model is not ingestion
         t0 = await results.until({docs[0].doc_id.encode()})
         t1 = await results.until({d.doc_id.encode() for d in docs}, bar)
@@ -240,11 +240,11 @@ async def _bench(  # type: ignore[no-untyped-def]
     await enriched.start()
     processor.start()
     warm = [ChatRequest(tenant_id=ASKER, question=q) for q in questions(4 * s.embedding_batch_size, rng)]
-    await produce(s, s.topics.tenant(s.tenant).requests("chat"), warm)
+    await produce(s, s.topics.requests("chat"), warm)
     await enriched.until({r.request_id.encode() for r in warm})
     requests = [ChatRequest(tenant_id=ASKER, question=q) for q in texts]
     with tqdm(total=len(requests), desc="processor", unit="q") as bar:
-        started = await produce(s, s.topics.tenant(s.tenant).requests("chat"), requests)
+        started = await produce(s, s.topics.requests("chat"), requests)
         finished = await enriched.until({r.request_id.encode() for r in requests}, bar)
     await enriched.stop()
     processor.stop()

@@ -86,7 +86,7 @@ class Processors:
 
     @property
     def input_topics(self) -> list[str]:
-        t = self.settings.topics.tenant(self.settings.tenant)
+        t = self.settings.topics
         return [t.docs_ingest, *(t.requests(lane) for lane in LANES)]
 
     async def start(self) -> None:
@@ -111,7 +111,7 @@ class Processors:
         self.stages = {"ingest": ingest}
         agents = {
             "ingest": (
-                s.topics.tenant(s.tenant).docs_ingest,
+                s.topics.docs_ingest,
                 s.ingest_batch_size,
                 s.ingest_max_wait_ms / 1000,
                 ingest.process,
@@ -121,7 +121,7 @@ class Processors:
             stage = RetrievalStage(s, self.publisher, self.embedder, self.store, lane=lane)
             self.stages[stage.name] = stage
             agents[stage.name] = (
-                s.topics.tenant(s.tenant).requests(lane),
+                s.topics.requests(lane),
                 s.embedding_batch_size,
                 s.embedding_max_wait_ms / 1000,
                 stage.process,

@@ -67,7 +67,7 @@ def answer(
         job_id=req.job_id,
         custom_id=req.custom_id,
     )
-    return topics.tenant(enriched.tenant_id).responses(enriched.lane), encode(response)
+    return topics.responses(enriched.lane), encode(response)
 
 
 def error(
@@ -91,4 +91,4 @@ def error(
         job_id=req.job_id,
         custom_id=req.custom_id,
     )
-    return topics.tenant(enriched.tenant_id).responses(enriched.lane), encode(response)
+    return topics.responses(enriched.lane), encode(response)

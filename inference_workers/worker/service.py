@@ -200,9 +200,7 @@ class InferenceWorker:
                 return
             try:
                 enc = encode(chunk)
-                await self._tokens.send(
-                    self.topics.tenant(chunk.tenant_id).tokens, enc.value, key=enc.key, headers=enc.headers
-                )
+                await self._tokens.send(self.topics.tokens, enc.value, key=enc.key, headers=enc.headers)
                 self.stats.tokens_out += 1
             except KafkaError as e:  # tokens are best-effort; the final response carries the answer
                 log.warning("token chunk for %s not sent: %s", chunk.request_id, e)

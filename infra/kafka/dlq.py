@@ -173,7 +173,7 @@ def rejection_response(
             custom_id=_optional_cut(env.get("custom_id"), limits.CUSTOM_ID_MAX),
             conversation_id=_optional_cut(env.get("conversation_id"), limits.CONVERSATION_ID_MAX),
         )
-        return topics.tenant(env["tenant_id"]).responses(lane), encode(response)
+        return topics.responses(lane), encode(response)
     except Exception:  # noqa: BLE001 - e.g. a tenant_id that breaks the contract's pattern: no reply
         log.debug("no rejection response for %s/%s@%s", *_coords(record))
         return None

@@ -81,7 +81,7 @@ class IngestStage(BatchStage[DocumentIngest]):
             min(settings.chunk_tokens, embedder.max_tokens),
             min(settings.chunk_overlap_tokens, min(settings.chunk_tokens, embedder.max_tokens) // 2),
         )
-        self.results_topic = settings.topics.tenant(settings.tenant).docs_ingested
+        self.results_topic = settings.topics.docs_ingested
         self.parser = ParsePool(
             workers=settings.parse_workers,
             timeout_s=settings.parse_timeout_s,

@@ -81,7 +81,7 @@ class RetrievalStage(BatchStage[ChatRequest]):
         self.store = store
         self.priority = Priority.CHAT if lane == "chat" else Priority.BULK
         self.enriched_topic = settings.topics.enriched(lane)
-        self.responses_topic = settings.topics.tenant(settings.tenant).responses(lane)
+        self.responses_topic = settings.topics.responses(lane)
 
     async def prepare(self, batch: list[Incoming[ChatRequest]]) -> _Prepared:
         """Sort the batch out and embed its questions (one model call)."""

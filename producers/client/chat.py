@@ -32,10 +32,10 @@ class ChatClient:
         self.settings = settings
         self.lanes = tuple(lanes)
         models: dict[str, type[Reply]] = {
-            settings.topics.tenant(settings.tenant).responses(lane): ChatResponse for lane in self.lanes
+            settings.topics.responses(lane): ChatResponse for lane in self.lanes
         }
         if "chat" in self.lanes:
-            models[settings.topics.tenant(settings.tenant).tokens] = TokenChunk
+            models[settings.topics.tokens] = TokenChunk
         self._replies: ReplyReader[Reply] = ReplyReader(settings, models, client_id="ragbus-client")
         self._producer: AIOKafkaProducer | None = None
         self.conversations = Conversations() if remember else None
@@ -99,10 +99,7 @@ class ChatClient:
         ):
             enc = encode(request)
             await self._producer.send_and_wait(
-                self.settings.topics.tenant(self.settings.tenant).requests(request.lane),
-                enc.value,
-                key=enc.key,
-                headers=enc.headers,
+                self.settings.topics.requests(request.lane), enc.value, key=enc.key, headers=enc.headers
             )
 
     async def ask_request(self, request: ChatRequest, *, timeout: float | None = 60.0) -> ChatResponse:

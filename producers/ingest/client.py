@@ -149,7 +149,7 @@ def build_event(job: FileJob, *, tenant: str, user: str) -> DocumentIngest:
 
 def _results(settings: Settings) -> ReplyReader[IngestResult]:
     """The reader of `docs.ingested`, from its current end."""
-    topics = {settings.topics.tenant(settings.tenant).docs_ingested: IngestResult}
+    topics = {settings.topics.docs_ingested: IngestResult}
     return ReplyReader(settings, topics, client_id="ragbus-ingest", fetch_max_wait_ms=50)
 
 
@@ -169,7 +169,7 @@ async def ingest_files(
     """
     started = time.monotonic()
     report = IngestReport(outcomes=[FileOutcome(job) for job in jobs])
-    topic = settings.topics.tenant(settings.tenant).docs_ingest
+    topic = settings.topics.docs_ingest
     limit = max_event_bytes(topic, settings.topic_prefix)
     by_request: dict[str, FileOutcome] = {}
     notify = on_event or (lambda _: None)
@@ -232,12 +232,7 @@ async def delete_documents(
         for event in events:
             replies.expect(event.request_id, results.put_nowait, once=True)
             enc = encode(event)
-            await producer.send(
-                settings.topics.tenant(settings.tenant).docs_ingest,
-                enc.value,
-                key=enc.key,
-                headers=enc.headers,
-            )
+            await producer.send(settings.topics.docs_ingest, enc.value, key=enc.key, headers=enc.headers)
         await producer.flush()
         while len(got) < len(events):
             try:
