@@ -100,6 +100,12 @@ class Settings(BaseSettings):
     kafka_compression: Compression = "lz4"
     kafka_linger_ms: int = Field(default=5, ge=0)
     kafka_request_timeout_ms: int = Field(default=30_000, ge=1000)
+    kafka_commit_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest one transactional commit (outputs + offsets) may take; past it the component "
+        "stops, to restart from the committed offsets, instead of hanging on a stuck broker.",
+    )
     kafka_partitions: int | None = Field(default=None, ge=1, description="Overrides every topic's count.")
     kafka_replication_factor: int | None = Field(
         default=None, ge=1, description="Of the declared topics; unset: min(3, brokers in the cluster)."
@@ -147,7 +153,12 @@ class Settings(BaseSettings):
     embedding_model: str = PACKAGED_EMBEDDING_MODEL
     embedding_device: str = "cpu"
     embedding_batch_size: int = Field(default=32, ge=1)
-    embedding_max_wait_ms: float = Field(default=3.0, ge=0)
+    embedding_max_wait_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="How long a retrieval batch waits to fill up; 0: not at all, a batch is what has "
+        "arrived (under load the next batch gathers while one is embedded).",
+    )
     retrieval_top_k: int = Field(default=4, ge=1, le=50)
     retrieval_hybrid: bool = False
     chunk_tokens: int = Field(default=200, ge=16)
@@ -182,7 +193,12 @@ class Settings(BaseSettings):
     # --- inference ---------------------------------------------------------------------------
     llm_backend: Literal["auto", "llamacpp", "vllm"] = "auto"
     llm_max_batch: int = Field(default=32, ge=1)
-    llm_max_wait_ms: float = Field(default=5.0, ge=0)
+    llm_max_wait_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="How long an inference batch waits to fill up after its first request; 0: not at "
+        "all (requests arriving while a batch generates form the next one).",
+    )
     llm_max_inflight: int = Field(default=64, ge=1, description="Pause partitions past this many queued.")
     llm_context_window: int | None = Field(default=None, ge=256, description="Default: the model's own.")
     response_cache_size: int = Field(default=1024, ge=0)

@@ -131,7 +131,7 @@ class Processors:
             "ingest": (
                 self.inputs["ingest"],
                 s.ingest_batch_size,
-                max(s.ingest_max_wait_ms, 1.0) / 1000,  # faust waits forever on 0
+                s.ingest_max_wait_ms / 1000,
                 ingest.process,
             )
         }
@@ -141,7 +141,7 @@ class Processors:
             agents[stage.name] = (
                 self.inputs[stage.name],
                 s.embedding_batch_size,
-                max(s.embedding_max_wait_ms, 1.0) / 1000,
+                s.embedding_max_wait_ms / 1000,
                 stage.process,
             )
         self.app = build_app(

@@ -32,8 +32,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
@@ -77,6 +78,7 @@ class TransactionalPublisher:
         generation: Callable[[], int | None] | None = None,
         max_attempts: int = 4,
         max_records_per_transaction: int = 5000,
+        commit_timeout_s: float | None = None,
     ) -> None:
         self.settings = settings
         self.group_id = group_id
@@ -86,6 +88,10 @@ class TransactionalPublisher:
         self.generation = generation
         self.max_attempts = max_attempts
         self.max_records = max_records_per_transaction
+        #: Longest one transaction (sends, offsets, commit) may take before the publisher fails.
+        self.commit_timeout_s = (
+            commit_timeout_s if commit_timeout_s is not None else settings.kafka_commit_timeout_s
+        )
         self.stats = PublisherStats()
         #: Set (with the error) when results can no longer be committed.
         self.failed: asyncio.Future[None] | None = None
@@ -119,8 +125,13 @@ class TransactionalPublisher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._producer is not None:
-            with contextlib.suppress(KafkaError):
-                await self._producer.stop()
+            # A stuck broker must not hang the shutdown either (see `_within_deadline`).
+            closing = asyncio.ensure_future(self._producer.stop())
+            done, _ = await asyncio.wait([closing], timeout=self.commit_timeout_s)
+            if not done:
+                closing.cancel()
+                log.warning("the transactional producer did not stop within %g s", self.commit_timeout_s)
+            closing.add_done_callback(_consume_result)
         for item in self._queue:
             if not item.done.done():
                 item.done.set_exception(PublishError("publisher stopped"))
@@ -215,7 +226,7 @@ class TransactionalPublisher:
         for attempt in range(1, self.max_attempts + 1):
             started = time.perf_counter()
             try:
-                await self._transaction(outputs, offsets)
+                await self._within_deadline(self._transaction(outputs, offsets))
             except ProducerFenced as e:
                 raise PublishError(
                     f"fenced: another processor with transactional id {self.transactional_id} started"
@@ -263,6 +274,28 @@ class TransactionalPublisher:
             return "already committed"
         return None
 
+    async def _within_deadline(self, transaction: Coroutine[Any, Any, None]) -> None:
+        """Run `transaction`, failing the publisher when it does not end within commit_timeout_s.
+
+        A broker or coordinator that stops answering would otherwise hang the commit (and the
+        component with it) for good. asyncio.wait, not wait_for: wait_for would wait for the
+        cancelled transaction to unwind, which may hang just the same. The producer is left as it
+        is: the component stops, and its restart fences this transactional id and resumes from the
+        committed offsets (the coordinator aborts the open transaction).
+        """
+        task = asyncio.ensure_future(transaction)
+        done, _ = await asyncio.wait([task], timeout=self.commit_timeout_s)
+        if not done:
+            task.cancel()
+            task.add_done_callback(_consume_result)
+            raise PublishError(
+                f"a transaction did not commit within {self.commit_timeout_s:g} s "
+                f"(transactional id {self.transactional_id}); is the Kafka cluster reachable and "
+                "healthy? Stopping: a restart resumes from the committed offsets "
+                "(RAGBUS_KAFKA_COMMIT_TIMEOUT_S sets the deadline)"
+            )
+        task.result()
+
     async def _transaction(self, outputs: list[Output], offsets: dict[TopicPartition, int]) -> None:
         producer = self._producer
         assert producer is not None
@@ -281,6 +314,12 @@ class TransactionalPublisher:
         self._inflight = []
         self._queue.clear()
         self._idle.set()
+
+
+def _consume_result(task: asyncio.Future[None]) -> None:
+    """Retrieve an abandoned transaction's outcome so asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _tp(record: RecordLike) -> TopicPartition:
