@@ -33,7 +33,6 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.protocol.produce import ProduceRequest
-from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -60,6 +59,7 @@ from tests.integration.audit_support import audit_coords
 from tests.integration.pipeline_support import Pipeline, pipeline_settings, running_pipeline
 from tests.jsonschema_strategy import from_schema
 from tests.provision import KafkaService, PostgresService
+from tests.record_batches import RawHeaderKey, record_batch
 
 pytestmark = pytest.mark.slow
 
@@ -224,38 +224,12 @@ def draw_records() -> list[Draw]:
     return drawn
 
 
-class _RawHeaderKey(str):
-    """A header key carrying bytes that are not UTF-8. aiokafka's pure-Python batch builder writes
-    a key as `key.encode("utf-8")`, so this key writes its raw bytes instead: the record a
-    non-Python producer (kcat, librdkafka, Java with a byte-level serializer) can put on a topic."""
-
-    raw: bytes
-
-    def __new__(cls, raw: bytes) -> _RawHeaderKey:
-        key = super().__new__(cls, raw.decode("latin-1"))
-        key.raw = raw
-        return key
-
-    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-        return self.raw
-
-
 async def _produce_raw_header(s: Settings, topic: str, header: bytes, value: bytes) -> int:
     """Produce one record with header `header` (`key=value`, any bytes) to partition 0, through a
     hand-built record batch sent as a plain ProduceRequest on an authenticated connection (Debian's
     kcat cannot log in with SCRAM to Kafka 4); its offset."""
     name, _, header_value = header.partition(b"=")
-    builder = _DefaultRecordBatchBuilderPy(
-        magic=2,
-        compression_type=0,
-        is_transactional=0,
-        producer_id=-1,
-        producer_epoch=-1,
-        base_sequence=-1,
-        batch_size=1 << 20,
-    )
-    builder.append(0, timestamp=None, key=b"u", value=value, headers=[(_RawHeaderKey(name), header_value)])
-    batch = bytes(builder.build())
+    batch = record_batch([(b"u", value, [(RawHeaderKey(name), header_value)])])
     producer = make_producer(s)
     await producer.start()
     try:

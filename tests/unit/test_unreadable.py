@@ -8,7 +8,6 @@ import inspect
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.consumer import fetcher
-from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 
 import infra.kafka.clients  # noqa: F401 - installs the guard, as every component does
@@ -16,6 +15,7 @@ from infra.kafka.codec import DecodeError, decode
 from infra.kafka.unreadable import GuardedPartitionRecords
 from schemas import ChatRequest
 from schemas.headers import UNREADABLE_HEADER
+from tests.record_batches import RawHeaderKey, record_batch
 
 READ_UNCOMMITTED = 0
 TP = TopicPartition("ragbus.chat.requests", 0)
@@ -23,24 +23,10 @@ TP = TopicPartition("ragbus.chat.requests", 0)
 
 def _batch(poisoned: int, count: int = 4, base: int = 0) -> bytes:
     """One record batch whose record `poisoned` has a header key that is not UTF-8."""
-    builder = DefaultRecordBatchBuilder(
-        magic=2,
-        compression_type=0,
-        is_transactional=0,
-        producer_id=-1,
-        producer_epoch=-1,
-        base_sequence=-1,
-        batch_size=1 << 20,
+    bad = RawHeaderKey(b"\xff\xfe\xfd\xfc")
+    return record_batch(
+        [(None, f"v{base + i}".encode(), [(bad if i == poisoned else "ok", b"x")]) for i in range(count)]
     )
-    for i in range(count):
-        builder.append(
-            i,
-            timestamp=1000,
-            key=None,
-            value=f"v{base + i}".encode(),
-            headers=[("AAAA" if i == poisoned else "ok", b"x")],
-        )
-    return bytes(builder.build()).replace(b"AAAA", b"\xff\xfe\xfd\xfc")
 
 
 def _read(buf: bytes, fetch_offset: int) -> list[object]:
