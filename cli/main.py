@@ -41,15 +41,32 @@ knowledge_cmds.register(app)
 
 
 @app.command("config")
-def config(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
-    """Print the effective configuration (environment, .env, ragbus.toml, defaults), secrets masked."""
-    values = settings().masked()
+def config(
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON ({section: {setting: value}})."),
+    section: str = typer.Option(
+        None,
+        "--section",
+        help="Only this section: general, kafka, postgres, milvus, processors, "
+        "inference, audit, telemetry, gateway.",
+    ),
+) -> None:
+    """Print the effective configuration (environment, .env, ragbus.toml, defaults) by section,
+    secrets masked. Every setting is RAGBUS_<NAME> in the environment or a flat key in ragbus.toml."""
+    groups = settings().masked_sections()
+    if section is not None:
+        if section not in groups:
+            raise typer.BadParameter(
+                f"no section {section!r}; one of: {', '.join(groups)}", param_hint="--section"
+            )
+        groups = {section: groups[section]}
     if as_json:
-        print_json(values)
+        print_json(groups)
         return
-    width = max(len(k) for k in values)
-    for k, v in values.items():
-        console.print(f"{k.ljust(width)}  {v}", highlight=False)
+    width = max(len(k) for values in groups.values() for k in values)
+    for name, values in groups.items():
+        console.print(f"[bold]\\[{name}][/bold]")
+        for k, v in values.items():
+            console.print(f"  {k.ljust(width)}  {v}", highlight=False)
 
 
 schemas_app = typer.Typer(help="The event contract.", no_args_is_help=True)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-from pydantic import Field, IPvAnyNetwork, SecretStr, model_validator
+from pydantic import BaseModel, Field, IPvAnyNetwork, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -46,22 +46,26 @@ def config_file() -> Path | None:
     return local if local.exists() else None
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="RAGBUS_",
-        env_file=".env",
-        env_file_encoding="utf-8",
-        extra="ignore",
-        validate_default=True,
-    )
+class GeneralSettings(BaseModel):
+    """Where the local stack lives, which topics it uses, who clients act as."""
 
-    # --- general -------------------------------------------------------------------------
     home: Path = Field(default_factory=_default_home, description="Data, logs and caches of the local stack.")
     topic_prefix: str = Field(default=DEFAULT_PREFIX, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
     log_level: str = "INFO"
     instance_id: str = Field(default="", description="Distinguishes worker processes; default: host+pid.")
+    tenant: str = Field(
+        default="default",
+        min_length=1,
+        max_length=limits.TENANT_ID_MAX,
+        pattern=limits.TENANT_ID_PATTERN,
+        description="The tenant clients (`ragbus chat`, `ragbus bulk`, `ragbus ingest`) act as: they "
+        "write to its request topics and read its reply topics, with its credentials when secured.",
+    )
 
-    # --- Kafka ---------------------------------------------------------------------------
+
+class KafkaSettings(BaseModel):
+    """How every component reaches the brokers; the local broker's shape (`ragbus up`)."""
+
     kafka_bootstrap: str | None = Field(
         default=None, description="host:port[,host:port]; unset: the local broker started by `ragbus up`."
     )
@@ -112,16 +116,19 @@ class Settings(BaseSettings):
     )
     kafka_max_poll_interval_ms: int = Field(default=300_000, ge=1000)
     kafka_session_timeout_ms: int = Field(default=10_000, ge=1000)
-    tenant: str = Field(
-        default="default",
-        min_length=1,
-        max_length=limits.TENANT_ID_MAX,
-        pattern=limits.TENANT_ID_PATTERN,
-        description="The tenant clients (`ragbus chat`, `ragbus bulk`, `ragbus ingest`) act as: they "
-        "write to its request topics and read its reply topics, with its credentials when secured.",
-    )
 
-    # --- Postgres --------------------------------------------------------------------------
+    @model_validator(mode="after")
+    def _check_kafka(self) -> Self:
+        if self.kafka_security_protocol.startswith("SASL") and not self.kafka_sasl_mechanism:
+            raise ValueError(
+                f"kafka_security_protocol={self.kafka_security_protocol} needs kafka_sasl_mechanism"
+            )
+        return self
+
+
+class PostgresSettings(BaseModel):
+    """The audit database: the owner's DSN (migrations) and each part's least-privilege role."""
+
     pg_dsn: SecretStr | None = Field(
         default=None,
         description="postgresql://... of the owner (migrations); unset: the local server. Give the sink "
@@ -141,15 +148,22 @@ class Settings(BaseSettings):
         default=None, description="`ragbus audit` / `usage`'s DSN: a role that may only SELECT."
     )
 
-    # --- Milvus ----------------------------------------------------------------------------
+
+class MilvusSettings(BaseModel):
+    """The vector store: Milvus Lite (a file) by default, or a server by URI."""
+
     milvus_uri: str = Field(
         default="",
         description="A local path (Milvus Lite) or http(s)://host:19530; empty: <home>/milvus/ragbus.db.",
     )
     milvus_token: SecretStr | None = None
     milvus_collection: str = Field(default="ragbus_chunks", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    milvus_search_ef: int = Field(default=64, ge=1, description="HNSW ef at search time (at least top_k).")
 
-    # --- embeddings and retrieval ------------------------------------------------------------
+
+class ProcessorSettings(BaseModel):
+    """The processors: embedding, retrieval, chunking and document parsing."""
+
     embedding_model: str = PACKAGED_EMBEDDING_MODEL
     embedding_device: str = "cpu"
     embedding_batch_size: int = Field(default=32, ge=1)
@@ -188,9 +202,17 @@ class Settings(BaseSettings):
     parse_max_text_chars: int = Field(
         default=16_000_000, ge=1, description="Most text one document may yield (more: too_large)."
     )
-    milvus_search_ef: int = Field(default=64, ge=1, description="HNSW ef at search time (at least top_k).")
 
-    # --- inference ---------------------------------------------------------------------------
+    @model_validator(mode="after")
+    def _check_chunks(self) -> Self:
+        if self.chunk_overlap_tokens >= self.chunk_tokens:
+            raise ValueError("chunk_overlap_tokens must be smaller than chunk_tokens")
+        return self
+
+
+class InferenceSettings(BaseModel):
+    """The inference workers: served models, micro-batching, the response cache."""
+
     llm_backend: Literal["auto", "llamacpp", "vllm"] = "auto"
     llm_max_batch: int = Field(default=32, ge=1)
     llm_max_wait_ms: float = Field(
@@ -218,20 +240,29 @@ class Settings(BaseSettings):
         "a running worker reloads it on change or `ragbus models reload`.",
     )
 
-    # --- audit -------------------------------------------------------------------------------
+
+class AuditSettings(BaseModel):
+    """The audit sink: batch size and encryption of the trail."""
+
     audit_batch_size: int = Field(default=5000, ge=1, description="Records per Postgres transaction.")
     audit_encryption_keys: SecretStr | None = Field(
         default=None, description="Comma-separated key_id:base64key pairs; the first encrypts."
     )
     audit_key_file: Path | None = None
 
-    # --- telemetry -----------------------------------------------------------------------------
+
+class TelemetrySettings(BaseModel):
+    """OpenTelemetry export, shared by every component."""
+
     otel_exporter: Literal["none", "console", "otlp", "file"] = "none"
     otel_endpoint: str | None = Field(default=None, description="OTLP/HTTP endpoint, e.g. http://host:4318")
     otel_file: Path | None = Field(default=None, description="With otel_exporter=file: JSON lines of spans.")
     otel_service_name: str = "ragbus"
 
-    # --- gateway (OpenAI-compatible HTTP) ----------------------------------------------------
+
+class GatewaySettings(BaseModel):
+    """The OpenAI-compatible HTTP gateway."""
+
     gateway_host: str = "127.0.0.1"
     gateway_port: int = Field(default=8000, ge=0, le=65535)
     gateway_keys_file: Path | None = Field(
@@ -257,6 +288,45 @@ class Settings(BaseSettings):
         description="GET /metrics without an API key (for a local Prometheus); false: it needs a key too.",
     )
 
+
+#: The sections of Settings, in the order `ragbus config` shows them: each component reads its own
+#: section (and the general, Kafka and telemetry ones); a default is written once, in its section.
+SECTIONS: dict[str, type[BaseModel]] = {
+    "general": GeneralSettings,
+    "kafka": KafkaSettings,
+    "postgres": PostgresSettings,
+    "milvus": MilvusSettings,
+    "processors": ProcessorSettings,
+    "inference": InferenceSettings,
+    "audit": AuditSettings,
+    "telemetry": TelemetrySettings,
+    "gateway": GatewaySettings,
+}
+
+
+class Settings(
+    GatewaySettings,
+    TelemetrySettings,
+    AuditSettings,
+    InferenceSettings,
+    ProcessorSettings,
+    MilvusSettings,
+    PostgresSettings,
+    KafkaSettings,
+    GeneralSettings,
+    BaseSettings,
+):
+    """Every setting, one flat namespace (`RAGBUS_<FIELD>`, flat TOML keys) composed of the
+    per-component sections above, so a field and its default are written once, in its section."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RAGBUS_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -272,16 +342,6 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         sources.append(file_secret_settings)
         return tuple(sources)
-
-    @model_validator(mode="after")
-    def _check(self) -> Settings:
-        if self.chunk_overlap_tokens >= self.chunk_tokens:
-            raise ValueError("chunk_overlap_tokens must be smaller than chunk_tokens")
-        if self.kafka_security_protocol.startswith("SASL") and not self.kafka_sasl_mechanism:
-            raise ValueError(
-                f"kafka_security_protocol={self.kafka_security_protocol} needs kafka_sasl_mechanism"
-            )
-        return self
 
     # --- derived ---------------------------------------------------------------------------
     @cached_property
@@ -358,6 +418,11 @@ class Settings(BaseSettings):
                 value = mask_uri(value)
             out[name] = value
         return out
+
+    def masked_sections(self) -> dict[str, dict[str, Any]]:
+        """`masked()` grouped by section (what `ragbus config` prints)."""
+        flat = self.masked()
+        return {name: {f: flat[f] for f in cls.model_fields} for name, cls in SECTIONS.items()}
 
 
 MASK = "********"

@@ -79,3 +79,23 @@ def test_each_part_gets_its_own_postgres_role(monkeypatch: pytest.MonkeyPatch, t
     ext = ext.model_copy(update={"pg_reader_dsn": SecretStr("postgresql://ro:r@db/audit")})
     assert ext.postgres_dsn_for("reader") == "postgresql://ro:r@db/audit"
     assert ext.masked()["pg_reader_dsn"] == "********"
+
+
+def test_every_setting_belongs_to_exactly_one_section() -> None:
+    from infra.settings import SECTIONS
+
+    owners: dict[str, list[str]] = {}
+    for name, cls in SECTIONS.items():
+        for field in cls.model_fields:
+            owners.setdefault(field, []).append(name)
+    assert {f: o for f, o in owners.items() if len(o) > 1} == {}
+    assert set(owners) == set(Settings.model_fields)
+
+
+def test_masked_sections_group_the_masked_values(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    s = Settings(home=tmp_path, kafka_sasl_password=SecretStr("hunter2"), retrieval_top_k=7)
+    groups = s.masked_sections()
+    assert groups["kafka"]["kafka_sasl_password"] == "********"
+    assert groups["processors"]["retrieval_top_k"] == 7
+    assert "retrieval_top_k" not in groups["kafka"] and "hunter2" not in repr(groups)
