@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from aiokafka import TopicPartition
 
-from infra.kafka.clients import make_admin
+from infra.kafka.directory import TopicDirectory
 from infra.kafka.publisher import TransactionalPublisher
 from infra.milvus import make_milvus_client
 from infra.settings import Settings
@@ -102,6 +102,8 @@ class Processors:
         self._lite_lock: TextIO | None = None
         #: agent name → the tenant topics it reads now (grows as tenants are added).
         self.inputs: dict[str, list[str]] = {}
+        #: The broker's topic list (tenants' topics appear in it when tenants are added).
+        self.directory = TopicDirectory(settings)
 
     @property
     def input_topics(self) -> list[str]:
@@ -111,6 +113,10 @@ class Processors:
         s = self.settings
         if s.uses_milvus_lite:
             self._lock_lite_file(s.milvus_target)
+        try:
+            await self.directory.start()
+        except Exception as e:
+            raise ProcessorsError(f"cannot reach Kafka at {s.bootstrap}: {e}") from e
         self.inputs = await self._discover()
         loop = asyncio.get_running_loop()
         started = time.monotonic()
@@ -183,15 +189,12 @@ class Processors:
         self._lite_lock = handle
 
     async def _list_topics(self) -> set[str]:
-        admin = make_admin(self.settings)
-        try:
-            await admin.start()
-            return set(await admin.list_topics())
-        except Exception as e:
-            raise ProcessorsError(f"cannot reach Kafka at {self.settings.bootstrap}: {e}") from e
-        finally:
-            with contextlib.suppress(Exception):
-                await admin.close()
+        """The broker's topics now, through the one admin client the processors keep."""
+        if not await self.directory.refresh():
+            raise ProcessorsError(
+                f"cannot list the topics of Kafka at {self.settings.bootstrap} (see the warning above)"
+            )
+        return set(self.directory.known)
 
     async def _discover(self) -> dict[str, list[str]]:
         """The tenant topics each agent reads: every tenant's, as the broker lists them now."""
@@ -303,6 +306,7 @@ class Processors:
         if isinstance(ingest, IngestStage):
             await ingest.close()  # its parser processes
         await self.publisher.stop()
+        await self.directory.close()
         if self.embedder is not None:
             self.embedder.close()
         if self.store is not None:

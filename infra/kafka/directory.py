@@ -1,4 +1,6 @@
-"""Which topics exist on the broker, for components that choose a reply topic from an event.
+"""Which topics exist on the broker: one admin client per component, asked again when stale.
+
+The processors read it to find every tenant's input topics (and the ones added while they run).
 
 The inference worker answers on the responses topic of the tenant an enriched request names.
 The broker does not create topics on demand (`auto.create.topics.enable=false`), and a send to a
@@ -48,16 +50,24 @@ class TopicDirectory:
                 await self._admin.close()
             self._admin = None
 
-    async def refresh(self) -> None:
-        """Re-read the topic list (keeps the old one when the broker cannot be asked)."""
+    async def refresh(self) -> bool:
+        """Re-read the topic list; False (and the old list kept) when the broker cannot be asked."""
         async with self._lock:
             if self._admin is None:
-                return
+                return False
             try:
                 self._known = set(await self._admin.list_topics())
             except Exception as e:  # noqa: BLE001 - the old list stays; the next miss asks again
                 log.warning("topic list not refreshed: %r", e)
-            self._refreshed = time.monotonic()
+                return False
+            finally:
+                self._refreshed = time.monotonic()
+            return True
+
+    @property
+    def known(self) -> frozenset[str]:
+        """The topics as of the last refresh."""
+        return frozenset(self._known)
 
     async def exists(self, topic: str) -> bool:
         age = time.monotonic() - self._refreshed
