@@ -31,8 +31,12 @@ def bench_settings(bootstrap: str, work: Path, client: dict[str, Any] | None = N
 
 
 class ComponentProcess:
-    def __init__(self, settings: Settings, args: list[str], log_path: Path) -> None:
+    def __init__(
+        self, settings: Settings, args: list[str], log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
+        """`env`: more RAGBUS_* settings for this component only (a bench's knob, e.g. threads)."""
         self.settings, self.args, self.log_path = settings, args, log_path
+        self.extra_env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -58,6 +62,7 @@ class ComponentProcess:
         ):
             if value:
                 env[f"RAGBUS_KAFKA_{name}"] = value
+        env.update(self.extra_env)
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "cli.main", *self.args],

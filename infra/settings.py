@@ -167,6 +167,13 @@ class ProcessorSettings(BaseModel):
     embedding_model: str = PACKAGED_EMBEDDING_MODEL
     embedding_device: str = "cpu"
     embedding_batch_size: int = Field(default=32, ge=1)
+    embedding_threads: int = Field(
+        default=0,
+        ge=0,
+        description="CPU threads the processors' embedding model uses (0: torch's default, one per core). "
+        "Where the broker or other components share the cores, cores - 1 leaves the bus a core, so "
+        "the model's parallel sections do not wait on a preempted thread.",
+    )
     embedding_max_wait_ms: float = Field(
         default=0.0,
         ge=0,

@@ -114,6 +114,19 @@ def load_model(name: str, device: str = "cpu") -> SentenceTransformer:
     return model
 
 
+def limit_threads(threads: int) -> None:
+    """Give the embedding model `threads` CPU threads (0: leave torch's default, one per core).
+
+    Process-wide (torch has one intra-op pool), which is why only a process that owns its model —
+    the processors — calls it. Each of the model's parallel sections waits for its slowest thread,
+    so on cores shared with a busy broker or event loop one thread fewer can be faster."""
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+        log.info("embedding on %d CPU threads", threads)
+
+
 def embedding_dimension(model: SentenceTransformer) -> int:
     # sentence-transformers 6 renamed get_sentence_embedding_dimension (the old name warns)
     getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension

@@ -25,7 +25,7 @@ from infra.kafka.directory import TopicDirectory
 from infra.kafka.publisher import TransactionalPublisher
 from infra.milvus import make_milvus_client
 from infra.settings import Settings
-from processors.embedding import Embedder, load_model
+from processors.embedding import Embedder, limit_threads, load_model
 from processors.ingest.stage import IngestStage
 from processors.retrieval.stage import RetrievalStage
 from processors.stage import BatchStage
@@ -121,6 +121,7 @@ class Processors:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         model = self._model
+        limit_threads(s.embedding_threads)
         if model is None:
             model = await loop.run_in_executor(None, load_model, s.embedding_model, s.embedding_device)
         self.embedder = Embedder.from_settings(s, model)
