@@ -10,7 +10,7 @@ Against a throwaway local broker, one record at a time (no load, so no queueing)
 - each for the producer's linger_ms as configured (`--linger`, default the settings' value) and 0.
 
 Usage:
-    .venv/bin/python bench/hops.py [--n 200] [--linger 5]
+    .venv/bin/python bench/hops.py [--quick] [--n 200] [--linger 5]
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ async def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="ragbus-bench-hops-") as tmp:
         work = Path(tmp)
         with kafka_service(work / "kafka", cache=CACHE, version=defaults.kafka_version) as kafka:
-            s = bench_settings(kafka.bootstrap, work)
+            s = bench_settings(kafka.bootstrap, work, kafka.client)  # authenticated, like `ragbus up`
             await declare_topics(s)
             rows = []
             for linger in dict.fromkeys([args.linger, 0]):
@@ -131,12 +131,15 @@ async def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=200, help="records per measurement")
+    parser.add_argument("--quick", action="store_true", help="50 records per measurement")
+    parser.add_argument("--n", type=int, help="records per measurement (default 200; --quick 50)")
     parser.add_argument("--linger", type=int, default=Settings(_env_file=None).kafka_linger_ms)  # type: ignore[call-arg]
     parser.add_argument(
         "--backoff", type=int, nargs="+", default=[20], help="transactional retry_backoff_ms values to try"
     )
-    asyncio.run(run(parser.parse_args()))
+    args = parser.parse_args()
+    args.n = args.n or (50 if args.quick else 200)
+    asyncio.run(run(args))
 
 
 if __name__ == "__main__":
