@@ -8,8 +8,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cli.background import BY_NAME, COMPONENTS, Background, backgrounds
+from cli.background import BY_NAME, SCALABLE, backgrounds
 from cli.common import console, friendly_errors, settings
+from infra.procs import ServiceError
 from infra.settings import Settings
 
 _NAMES = ", ".join(BY_NAME)
@@ -26,10 +27,9 @@ class ComponentState:
 
 def component_states(s: Settings) -> list[ComponentState]:
     out = []
-    for c in COMPONENTS:
-        bg = Background(s, c)
+    for bg in backgrounds(s):
         pid = bg.pid
-        out.append(ComponentState(c.name, pid is not None, pid, c.description, str(bg.log_path)))
+        out.append(ComponentState(bg.name, pid is not None, pid, bg.component.description, str(bg.log_path)))
     return out
 
 
@@ -51,31 +51,54 @@ def components_table(states: list[ComponentState]) -> Table:
 @friendly_errors
 def start(
     names: list[str] = typer.Argument(None, help=f"Components to start (default: all of {_NAMES})."),
+    instances: int = typer.Option(
+        1,
+        "--instances",
+        "-n",
+        min=1,
+        max=64,
+        help="Instances of each named component (worker, processors, sink), sharing its consumer group: "
+        "the partitions of a topic are the unit of parallelism, so more instances than partitions idle.",
+    ),
 ) -> None:
-    """Start pipeline components in the background (each logs to <home>/logs/<name>.log).
+    """Start pipeline components in the background (each logs to <home>/logs/<name>[-<slot>].log).
 
-    They connect to the services of `ragbus up`, or to the external ones your settings name.
+    They connect to the services of `ragbus up`, or to the external ones your settings name. Each
+    instance has a stable slot identity: restarting a crashed slot fences its open transaction.
     """
     s = settings()
-    for bg in backgrounds(s, names or None):
+    if instances > 1:
+        chosen = names or list(SCALABLE)
+        single = [n for n in chosen if n in BY_NAME and n not in SCALABLE]
+        if single:
+            raise ServiceError(
+                f"--instances applies to {', '.join(sorted(SCALABLE))}, not {', '.join(single)} (one gateway "
+                "per port: run more with their own RAGBUS_GATEWAY_PORT behind a load balancer)"
+            )
+        if "processors" in chosen and s.uses_milvus_lite:
+            raise ServiceError(
+                "several processors need a Milvus server: Milvus Lite allows one process per data file "
+                "(set RAGBUS_MILVUS_URI=http://host:19530)"
+            )
+        names = chosen
+    for bg in backgrounds(s, names or None, instances=instances):
         was = bg.pid
         pid = bg.start()
         verb = "already running" if was else "started"
-        console.print(
-            f"{bg.component.name:<11} {verb} (pid {pid}); log: {escape(str(bg.log_path))}", highlight=False
-        )
+        console.print(f"{bg.name:<13} {verb} (pid {pid}); log: {escape(str(bg.log_path))}", highlight=False)
 
 
 @friendly_errors
 def stop(
     names: list[str] = typer.Argument(None, help=f"Components to stop (default: all of {_NAMES})."),
 ) -> None:
-    """Stop background components (SIGTERM: each finishes its batch and commits first)."""
+    """Stop background components, every instance of each (SIGTERM: each finishes its batch and
+    commits first)."""
     s = settings()
     for bg in reversed(backgrounds(s, names or None)):
         if bg.running:
             bg.stop()
-            console.print(f"{bg.component.name:<11} stopped", highlight=False)
+            console.print(f"{bg.name:<13} stopped", highlight=False)
 
 
 def stop_all(s: Settings) -> None:

@@ -123,4 +123,4 @@ def demo(
     )
     if not stop_after:
         for bg in backgrounds(s, ["sink", "worker", "processors"]):
-            console.print(f"  {bg.component.name:<11} log: {escape(str(bg.log_path))}", highlight=False)
+            console.print(f"  {bg.name:<11} log: {escape(str(bg.log_path))}", highlight=False)

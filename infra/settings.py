@@ -52,7 +52,11 @@ class GeneralSettings(BaseModel):
     home: Path = Field(default_factory=_default_home, description="Data, logs and caches of the local stack.")
     topic_prefix: str = Field(default=DEFAULT_PREFIX, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
     log_level: str = "INFO"
-    instance_id: str = Field(default="", description="Distinguishes worker processes; default: host+pid.")
+    instance_id: str = Field(
+        default="",
+        description="Stable identity of this process (transactional ids, static group membership); "
+        "`ragbus start` sets <host>-<slot>; default: host+pid.",
+    )
     tenant: str = Field(
         default="default",
         min_length=1,

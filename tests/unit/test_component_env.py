@@ -41,3 +41,21 @@ def test_the_environment_given_is_not_changed() -> None:
     base = dict(BASE)
     component_env(BY_NAME["worker"], base)
     assert base == BASE
+
+
+def test_each_slot_has_its_own_stable_identity_and_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from cli.background import Background, backgrounds, instance_id_for
+    from infra.settings import Settings
+
+    s = Settings(home=tmp_path, instance_id="pod-a", _env_file=None)  # type: ignore[call-arg]
+    assert [instance_id_for(s, n) for n in range(3)] == ["pod-a-0", "pod-a-1", "pod-a-2"]
+    # Slot 0 keeps the paths a single instance always had; others are numbered.
+    first, second = backgrounds(s, ["worker"], instances=2)
+    assert (first.name, second.name) == ("worker", "worker-1")
+    assert first.pid_path.name == "worker.pid" and second.log_path.name == "worker-1.log"
+    # Without a count, `stop` and `status` see every slot that has a pid file (slot 0 always).
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "worker-3.pid").write_text("1")
+    (tmp_path / "run" / "workers-1.pid").write_text("1")  # another name: not a slot of worker
+    assert [bg.name for bg in backgrounds(s, ["worker"])] == ["worker", "worker-3"]
+    assert isinstance(Background(s, first.component, 2), Background)
