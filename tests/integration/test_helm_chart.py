@@ -95,7 +95,8 @@ def test_every_rendered_object_passes_the_schema_check(rendered: Path) -> None:
     assert (found, valid, invalid, errors, skipped) == (total, total, 0, 0, 0)
     kinds = {o["kind"] for n in ("default", "tenants", "gpu") for o in _objects(rendered, n)}
     assert {"Kafka", "KafkaNodePool", "KafkaTopic", "KafkaUser", "ScaledObject", "ServiceMonitor"} <= kinds
-    assert {"Deployment", "PodDisruptionBudget", "NetworkPolicy", "PersistentVolumeClaim"} <= kinds
+    assert {"Deployment", "StatefulSet", "PodDisruptionBudget", "NetworkPolicy"} <= kinds
+    assert "PersistentVolumeClaim" in kinds
 
 
 @pytest.mark.parametrize("values", ["tenants", "gpu"])
@@ -164,10 +165,9 @@ def test_keda_scales_on_the_groups_and_topics_the_code_consumes(rendered: Path) 
         if s.suffix in TENANT_WRITES
     }
     for so in (worker, processors):
-        assert (
-            "replicas"
-            not in _one(objs, "Deployment", so["spec"]["scaleTargetRef"]["name"][len("ragbus-") :])["spec"]
-        )
+        target = so["spec"]["scaleTargetRef"]
+        assert (target["apiVersion"], target["kind"]) == ("apps/v1", "StatefulSet")
+        assert "replicas" not in _one(objs, "StatefulSet", target["name"][len("ragbus-") :])["spec"]
 
 
 def _env(deployment: dict[str, Any]) -> dict[str, Any]:
@@ -180,7 +180,7 @@ def test_components_settings_are_real_settings(rendered: Path) -> None:
     objs = _objects(rendered, "gpu")
     (config,) = [c for c in _of_kind(objs, "ConfigMap") if c["metadata"]["name"] == "ragbus-env"]
     names = {k for k in config["data"] if k.startswith("RAGBUS_")}
-    for d in _of_kind(objs, "Deployment"):
+    for d in _of_kind(objs, "Deployment") + _of_kind(objs, "StatefulSet"):
         names |= {k for k in _env(d) if k.startswith("RAGBUS_")}
     fields = {f"RAGBUS_{f.upper()}" for f in Settings.model_fields}
     assert names - fields == set()
@@ -197,7 +197,7 @@ def test_components_settings_are_real_settings(rendered: Path) -> None:
 
 def test_gpu_worker_requests_gpus_and_serves_vllm_from_the_model_volume(rendered: Path) -> None:
     objs = _objects(rendered, "gpu")
-    worker = _one(objs, "Deployment", "worker")
+    worker = _one(objs, "StatefulSet", "worker")
     pod = worker["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -213,7 +213,7 @@ def test_gpu_worker_requests_gpus_and_serves_vllm_from_the_model_volume(rendered
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["models"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
     # Without values-gpu.yaml the worker asks for no GPU.
-    cpu = _one(_objects(rendered, "tenants"), "Deployment", "worker")
+    cpu = _one(_objects(rendered, "tenants"), "StatefulSet", "worker")
     assert "nvidia.com/gpu" not in json.dumps(cpu)
 
 
@@ -256,3 +256,15 @@ def test_the_schema_check_rejects_fields_the_apis_do_not_have(rendered: Path, tm
         assert (
             "additional properties" in proc.stdout.lower() or "additionalproperties" in proc.stdout.lower()
         ), proc.stdout
+
+
+def test_transactional_components_have_stable_instance_ids(rendered: Path) -> None:
+    """Workers, processors and the audit sink are StatefulSets whose pod name is RAGBUS_INSTANCE_ID:
+    a replacement pod keeps its predecessor's name and so its transactional id (or static group
+    membership), and fences the crashed one's open transaction at once."""
+    objs = _objects(rendered, "tenants")
+    for name in ("worker", "processors", "audit"):
+        sts = _one(objs, "StatefulSet", name)
+        assert sts["spec"]["podManagementPolicy"] == "Parallel"
+        assert _env(sts)["RAGBUS_INSTANCE_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert {d["metadata"]["name"] for d in _of_kind(objs, "Deployment")} == {"ragbus-gateway"}

@@ -45,6 +45,7 @@ CORE_KINDS: tuple[tuple[str, str], ...] = (
     ("v1", "ServiceAccount"),
     ("v1", "PersistentVolumeClaim"),
     ("apps/v1", "Deployment"),
+    ("apps/v1", "StatefulSet"),
     ("policy/v1", "PodDisruptionBudget"),
     ("networking.k8s.io/v1", "NetworkPolicy"),
 )
