@@ -71,13 +71,12 @@ async def pipeline_settings(
     s = Settings(
         kafka_bootstrap=kafka.bootstrap,
         topic_prefix=test_id,
-        kafka_partitions=2,
         home=root / "home",
         milvus_uri=os.environ.get("RAGBUS_TEST_MILVUS_URI") or str(root / "milvus.db"),
         milvus_collection=f"c_{test_id}",
         pg_dsn=SecretStr(postgres.dsn_for(test_id)),
         _env_file=None,  # type: ignore[call-arg]
-        **{**kafka.client, **overrides},  # the session broker's credentials, as in conftest
+        **{"kafka_partitions": 2, **kafka.client, **overrides},  # the broker's credentials, as in conftest
     )
     await declare_topics(s, tenants=sorted({*TEST_TENANTS, *tenants}))
     return s

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections import Counter
 from collections.abc import Iterator
@@ -27,8 +28,10 @@ from infra.procs import free_port
 from infra.settings import Settings
 from schemas import ChatRequest, ChatResponse
 from tests.conftest import CACHE, KAFKA_VERSION, unique
-from tests.helpers import read_events, wait_for
-from tests.provision import broker_auth
+from tests.helpers import read_events, spawn, wait_for
+from tests.integration.audit_support import audit_coords, readable_records
+from tests.integration.pipeline_support import Pipeline, pipeline_settings, running_pipeline
+from tests.provision import KafkaService, PostgresService, broker_auth
 
 #: Authenticated like `ragbus up --brokers 3`: brokers replicate as the components' SCRAM user.
 AUTH, CLIENT = broker_auth()
@@ -36,6 +39,9 @@ AUTH, CLIENT = broker_auth()
 log = logging.getLogger(__name__)
 
 pytestmark = pytest.mark.slow
+
+#: A tenant with no documents (short prompts: the bulk job's answers take seconds).
+NODOCS = "nodocs"
 
 #: Requests produced before the kill, while the broker is down, and while it restarts.
 PHASE = 120
@@ -219,7 +225,12 @@ async def test_exactly_once_through_a_broker_crash(cluster: LocalKafkaCluster, t
     assert set(answers) == {f"r{i}" for i in range(3 * PHASE)}
     log.info("echo incarnations that failed and were replaced: %d (%s)", len(restarts), restarts[:3])
 
-    # The restarted broker catches up: every partition (ours and Kafka's own) back at 3 in-sync replicas.
+    await _no_under_replicated(cluster, s, victim)
+
+
+async def _no_under_replicated(cluster: LocalKafkaCluster, s: Settings, victim: int) -> None:
+    """The restarted broker catches up: every partition (ours and Kafka's own) back at 3 in-sync
+    replicas within 90 s."""
     expected = {n.node_id: n.bootstrap for n in cluster.nodes}
 
     loop = asyncio.get_running_loop()
@@ -240,3 +251,69 @@ async def test_exactly_once_through_a_broker_crash(cluster: LocalKafkaCluster, t
 
 async def _count_at_least(settings: Settings, n: int) -> bool:
     return sum((await _answered(settings)).values()) >= n
+
+
+async def test_a_bulk_job_through_a_broker_crash(
+    cluster: LocalKafkaCluster, postgres: PostgresService, tmp_path: Path
+) -> None:
+    """The real components (processors, worker, audit sink) and a `ragbus bulk` job on the cluster,
+    one broker SIGKILLed a third of the way through and restarted at two thirds: every line
+    answered exactly once, the audit trail equals the readable records, and no partition is left
+    short of replicas."""
+    n = 60
+    kafka = KafkaService(bootstrap=cluster.bootstrap, kind="local", client=CLIENT)
+    s = await pipeline_settings(kafka, postgres, tmp_path, tenants=(NODOCS,), kafka_partitions=3)
+    questions, out = tmp_path / "questions.jsonl", tmp_path / "answers.jsonl"
+    with questions.open("w") as f:
+        for i in range(n):
+            body = {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"}], "max_tokens": 4}
+            line = {"custom_id": f"q-{i:02d}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+            f.write(json.dumps(line) + "\n")
+    args = ["bulk", "submit", str(questions), "--out", str(out), "--tenant", NODOCS, "--job", "crash"]
+    args += ["--window", "8", "--no-progress"]
+
+    def answered() -> int:
+        return len(out.read_text().splitlines()) if out.exists() else 0
+
+    async def ready(_: Pipeline) -> bool:
+        return True
+
+    victim = 2
+    async with running_pipeline(s, tmp_path, ["sink", "worker", "processors"], ready=ready) as p:
+        bulk = spawn(args, s, tmp_path / "bulk.log")
+        try:
+
+            async def past(count: int) -> bool:
+                p.assert_alive()
+                assert bulk.poll() in (None, 0), (tmp_path / "bulk.log").read_text()[-3000:]
+                return answered() >= count or bulk.poll() == 0
+
+            await wait_for(lambda: past(n // 3), timeout=300, what="a third of the bulk job")
+            cluster.kill_node(victim)
+            await wait_for(lambda: past(2 * n // 3), timeout=300, what="two thirds, one broker down")
+            assert not cluster.node(victim).running
+            await asyncio.to_thread(cluster.start_node, victim, timeout=120)
+            await wait_for(lambda: past(n), timeout=300, what="the whole job after the restart")
+            code = await asyncio.to_thread(bulk.wait, 60)
+        finally:
+            if bulk.poll() is None:
+                bulk.kill()
+        assert code == 0, (tmp_path / "bulk.log").read_text()[-3000:]
+        p.assert_alive()  # no component fell over with the broker
+
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert sorted(r["custom_id"] for r in rows) == [f"q-{i:02d}" for i in range(n)]
+        assert all(r["error"] is None for r in rows), [r for r in rows if r["error"]][:3]
+        responses = await read_events(s, s.topics.tenant(NODOCS).responses("bulk"), ChatResponse, timeout=20)
+        per_request = Counter(r.request_id for r in responses)
+        assert len(per_request) == n and set(per_request.values()) == {1}, per_request.most_common(3)
+
+        expected, _ = await readable_records(s)
+
+        async def audited() -> bool:
+            return len((await audit_coords(s.postgres_dsn))[0]) >= len(expected)
+
+        await wait_for(audited, timeout=120, what="the audit sink to catch up")
+    coords, duplicates = await audit_coords(s.postgres_dsn)
+    assert duplicates == 0 and set(coords) == expected and len(coords) == len(expected)
+    await _no_under_replicated(cluster, s, victim)
