@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from schemas import limits
 
@@ -146,10 +146,11 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     #: Answers to sample for the prompt (choices); not with `stream`.
-    n: int = Field(default=1, ge=1, le=limits.CHOICES_MAX)
+    #: Strict, as the neutral checks before them were: `true` is not the number 1, nor `0` false.
+    n: StrictInt = Field(default=1, ge=1, le=limits.CHOICES_MAX)
     #: Per-token log probabilities in each choice (`top_logprobs` alternatives each); not with `stream`.
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=limits.TOP_LOGPROBS_MAX)
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=limits.TOP_LOGPROBS_MAX)
     #: Text, any JSON object, or JSON valid against a schema; enforced while the model generates.
     response_format: ResponseFormatParam | None = None
     #: End-user hints, recorded in the request's metadata (and so in the audit log).
