@@ -49,6 +49,8 @@ class InvalidInput(ValueError):
     def of_contract(cls, err: ValidationError) -> InvalidInput:
         """A request the contract (ChatRequest, SamplingParams) refuses."""
         first = err.errors()[0].get("loc", ()) if err.error_count() else ()
+        if err.title == "SamplingParams":  # built on its own: its locations start inside it
+            first = ("sampling", *first)
         return cls(describe(err), openai_param(first))
 
 
