@@ -29,6 +29,10 @@ class CachedAnswer:
 
 
 def cacheable(sampling: SamplingParams) -> bool:
+    """Deterministic, and one plain answer: an entry holds one text, so several choices (`n`) or
+    logprobs are generated every time. The key covers every sampling field (response_format too)."""
+    if sampling.n > 1 or sampling.logprobs:
+        return False
     return sampling.temperature == 0.0 or sampling.seed is not None
 
 

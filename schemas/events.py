@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+import json
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, model_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, field_validator, model_validator
 
 from schemas import limits
 from schemas.base import B64Bytes, ErrorInfo, EventBase
@@ -27,6 +28,52 @@ class ChatMessage(_Part):
     content: str = Field(max_length=limits.MESSAGE_CONTENT_MAX)
 
 
+def _depth(value: Any) -> int:
+    """How deeply `value` (decoded JSON) nests objects and arrays; iterative, so a hostile schema
+    cannot exhaust the stack before it is refused."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            deepest = max(deepest, d)
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+class ResponseFormat(_Part):
+    """What shape the answer must have (OpenAI's `response_format`): free text, any JSON object, or
+    JSON valid against `json_schema`. Engines enforce it while generating (a llama.cpp grammar,
+    vLLM's structured outputs), so the answer parses; the schema is bounded in size and depth because
+    every engine compiles it."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = Field(
+        default=None, max_length=limits.JSON_SCHEMA_NAME_MAX, pattern=limits.JSON_SCHEMA_NAME_PATTERN
+    )
+    description: str | None = Field(default=None, max_length=limits.METADATA_VALUE_MAX)
+    json_schema: dict[str, Any] | None = Field(
+        default=None, description="The JSON Schema (type json_schema)."
+    )
+    strict: bool = False
+
+    @field_validator("json_schema")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return value
+        if _depth(value) > limits.JSON_SCHEMA_DEPTH_MAX:
+            raise ValueError(f"the schema nests deeper than {limits.JSON_SCHEMA_DEPTH_MAX} levels")
+        if len(json.dumps(value, separators=(",", ":"))) > limits.JSON_SCHEMA_MAX:
+            raise ValueError(f"the schema is longer than {limits.JSON_SCHEMA_MAX} characters as JSON")
+        return value
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("a json_schema format carries `json_schema`, and no other type does")
+        return self
+
+
 class SamplingParams(_Part):
     max_tokens: int = Field(default=256, ge=1, le=8192)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
@@ -35,6 +82,28 @@ class SamplingParams(_Part):
     stop: list[Annotated[str, Field(max_length=limits.STOP_SEQUENCE_MAX)]] = Field(
         default_factory=list, max_length=limits.STOP_SEQUENCES_MAX
     )
+    n: int = Field(default=1, ge=1, le=limits.CHOICES_MAX, description="Answers to sample for the prompt.")
+    logprobs: bool = Field(default=False, description="Report each answer token's log probability.")
+    top_logprobs: int = Field(
+        default=0, ge=0, le=limits.TOP_LOGPROBS_MAX, description="Most likely alternatives per token."
+    )
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _logprobs_bounded(self) -> SamplingParams:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs")
+        if self.logprobs and logprob_entries(self) > limits.LOGPROB_ENTRIES_MAX:
+            raise ValueError(
+                f"n * max_tokens * (top_logprobs + 1) is at most {limits.LOGPROB_ENTRIES_MAX} with "
+                "logprobs; ask for fewer tokens, choices or alternatives"
+            )
+        return self
+
+
+def logprob_entries(sampling: SamplingParams) -> int:
+    """The most logprob entries a response to `sampling` can carry."""
+    return sampling.n * sampling.max_tokens * (sampling.top_logprobs + 1)
 
 
 class RetrievalOptions(_Part):
@@ -81,6 +150,36 @@ class Citation(_Part):
     source: str | None = None
     title: str | None = None
     score: float
+
+
+class TopLogprob(_Part):
+    """One token and its log probability (natural log; -9999 stands for a probability of zero)."""
+
+    token: str = Field(max_length=limits.TOKEN_TEXT_MAX)
+    logprob: float = Field(ge=-9999.0, le=0.0)
+    bytes: B64Bytes | None = Field(
+        default=None,
+        max_length=limits.TOKEN_TEXT_MAX,
+        description="The token's UTF-8 bytes (a token may "
+        "hold part of a character, which `token` cannot show).",
+    )
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token, with the most likely tokens at its position."""
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list, max_length=limits.TOP_LOGPROBS_MAX)
+
+
+class AnswerChoice(_Part):
+    """One of the answers sampled for a request (OpenAI's `choices[i]`)."""
+
+    index: int = Field(ge=0, lt=limits.CHOICES_MAX)
+    text: str
+    finish_reason: Literal["stop", "length"] = "stop"
+    logprobs: list[TokenLogprob] | None = Field(
+        default=None, max_length=limits.LOGPROB_ENTRIES_MAX, description="Set when logprobs were asked for."
+    )
 
 
 class ChatRequest(EventBase):
@@ -137,6 +236,12 @@ class ChatResponse(EventBase):
     conversation_id: str | None = None
     job_id: str | None = None
     custom_id: str | None = None
+    choices: list[AnswerChoice] = Field(
+        default_factory=list,
+        max_length=limits.CHOICES_MAX,
+        description="Every answer, when the request asked for n > 1 or logprobs (the first is `answer`); "
+        "else empty, and `answer` is the one answer.",
+    )
 
     @property
     def ok(self) -> bool:

@@ -33,6 +33,23 @@ SYSTEM_PROMPT_MAX = 16_000
 STOP_SEQUENCES_MAX = 8
 STOP_SEQUENCE_MAX = 256
 
+#: Sampling: answers per request (OpenAI's `n`), alternatives per token (`top_logprobs`, OpenAI's
+#: own bound), and the logprob entries one response may carry, n * max_tokens * (top_logprobs + 1),
+#: so that a response with logprobs (each entry some 60 bytes of JSON) stays far below the
+#: responses topic's 8 MiB.
+CHOICES_MAX = 8
+TOP_LOGPROBS_MAX = 20
+LOGPROB_ENTRIES_MAX = 65_536
+#: The text of one token as a logprob entry carries it (characters; tokens are a few bytes).
+TOKEN_TEXT_MAX = 256
+
+#: Structured output: a JSON Schema (`response_format`) as compact JSON (characters), how deeply it
+#: may nest (the grammar compiler recurses on it), and its name (OpenAI's pattern and length).
+JSON_SCHEMA_MAX = 16_384
+JSON_SCHEMA_DEPTH_MAX = 32
+JSON_SCHEMA_NAME_MAX = 64
+JSON_SCHEMA_NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
+
 #: Documents (characters).
 SOURCE_MAX = 2048
 TITLE_MAX = 1024

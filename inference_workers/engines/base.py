@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from inference_workers.prompt import EncodedPrompt, encode_chat
-from schemas import SamplingParams
+from schemas import SamplingParams, TokenLogprob
 
 Message = dict[str, str]
 FinishReason = Literal["stop", "length", "error"]
@@ -49,12 +49,22 @@ class Generation:
 
 @dataclass
 class Completion:
+    """One request's answer: its first sample here, the others (`sampling.n` > 1) in `more`."""
+
     text: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: FinishReason = "stop"
     error: str | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    #: Each generated token's logprob, when `sampling.logprobs` asked for them.
+    logprobs: list[TokenLogprob] | None = None
+    #: Samples 2..n of the same prompt (their prompt_tokens are 0: the prompt is counted once).
+    more: list[Completion] = field(default_factory=list)
+
+    @property
+    def samples(self) -> list[Completion]:
+        return [self, *self.more]
 
 
 class EngineError(RuntimeError):

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from inference_workers.engines.base import Completion, Engine, EngineError, Generation, Message
+from inference_workers.engines.grammar import GrammarError, grammar_for
+from schemas import TokenLogprob, TopLogprob, limits
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +172,8 @@ class LlamaCppEngine(Engine):
         from inference_workers.engines.llamacpp_batch import SeqJob
 
         results: list[Completion | None] = [None] * len(batch)
-        jobs: list[tuple[int, SeqJob]] = []
+        # A request with n samples is n sequences of the same prompt: (request, sample, job).
+        jobs: list[tuple[int, int, SeqJob]] = []
         for i, g in enumerate(batch):
             tokens = list(g.prompt_ids or ())
             if not tokens:
@@ -183,38 +186,72 @@ class LlamaCppEngine(Engine):
                 )
                 continue
             s = g.sampling
-            jobs.append(
-                (
-                    i,
-                    SeqJob(
-                        prompt_tokens=tokens,
-                        max_tokens=min(s.max_tokens, room),
-                        temperature=s.temperature,
-                        top_p=s.top_p,
-                        seed=s.seed,
-                        stop=tuple(s.stop),
-                        on_text=g.on_token,
-                    ),
-                )
-            )
-        for group in self._groups(jobs):
-            self._decoder.generate([job for _, job in group])
-            for i, job in group:
+            try:
+                grammar = grammar_for(s.response_format)
+            except GrammarError as e:
                 results[i] = Completion(
+                    prompt_tokens=len(tokens), finish_reason="error", error=f"response_format: {e}"
+                )
+                continue
+            for k in range(s.n):
+                job = SeqJob(
+                    prompt_tokens=tokens,
+                    max_tokens=min(s.max_tokens, room),
+                    temperature=s.temperature,
+                    top_p=s.top_p,
+                    # Each sample its own stream of random numbers, reproducible from the seed.
+                    seed=None if s.seed is None else s.seed + k,
+                    stop=tuple(s.stop),
+                    on_text=g.on_token if k == 0 else None,
+                    grammar=grammar,
+                    top_logprobs=s.top_logprobs if s.logprobs else None,
+                )
+                jobs.append((i, k, job))
+        samples: dict[int, list[Completion | None]] = {}
+        for group in self._groups(jobs):
+            self._decoder.generate([job for _, _, job in group])
+            for i, k, job in group:
+                done = Completion(
                     text=job.text,
-                    prompt_tokens=len(job.prompt_tokens),
+                    prompt_tokens=len(job.prompt_tokens) if k == 0 else 0,
                     completion_tokens=job.completion_tokens,
                     finish_reason="stop" if job.finish_reason == "stop" else "length",
+                    logprobs=self._logprobs(job) if job.top_logprobs is not None else None,
                 )
+                samples.setdefault(i, [None] * batch[i].sampling.n)[k] = done
+        for i, done_samples in samples.items():
+            first, *more = done_samples
+            assert first is not None and all(m is not None for m in more)
+            first.more = [m for m in more if m is not None]
+            results[i] = first
         return [r if r is not None else Completion(finish_reason="error", error="not run") for r in results]
 
-    def _groups(self, jobs: list[tuple[int, Any]]) -> list[list[tuple[int, Any]]]:
+    def _logprobs(self, job: Any) -> list[TokenLogprob]:
+        """A job's recorded (offset, id, logprob, rivals) as the contract's entries."""
+        return [
+            TokenLogprob(
+                **self._entry(token, logprob),
+                top_logprobs=[TopLogprob(**self._entry(t, lp)) for t, lp in rivals],
+            )
+            for _, token, logprob, rivals in job.logprobs
+        ]
+
+    def _entry(self, token: int, logprob: float) -> dict[str, Any]:
+        data = self._decoder.token_bytes(token)[: limits.TOKEN_TEXT_MAX]
+        # -9999 is OpenAI's "impossible"; the bound keeps -inf (not JSON) off the bus.
+        return {
+            "token": data.decode("utf-8", "replace")[: limits.TOKEN_TEXT_MAX],
+            "logprob": max(-9999.0, min(0.0, logprob)),
+            "bytes": data,
+        }
+
+    def _groups(self, jobs: list[tuple[int, int, Any]]) -> list[list[tuple[int, int, Any]]]:
         """Split jobs so each group fits the sequence slots and the shared KV cells."""
-        groups: list[list[tuple[int, Any]]] = []
-        current: list[tuple[int, Any]] = []
+        groups: list[list[tuple[int, int, Any]]] = []
+        current: list[tuple[int, int, Any]] = []
         cells = 0
         for item in jobs:
-            need = len(item[1].prompt_tokens) + item[1].max_tokens
+            need = len(item[2].prompt_tokens) + item[2].max_tokens
             if current and (len(current) >= self.max_batch or cells + need > self._decoder.n_ctx):
                 groups.append(current)
                 current, cells = [], 0

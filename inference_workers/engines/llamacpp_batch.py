@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import llama_cpp as C
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,16 @@ class SeqJob:
     seed: int | None = None
     stop: Sequence[str] = ()
     on_text: Callable[[str], None] | None = None
+    #: GBNF the output must match (structured output); None: free text.
+    grammar: str | None = None
+    #: Alternatives per token to report with each token's logprob; None: no logprobs.
+    top_logprobs: int | None = None
     # results
     text: str = ""
     completion_tokens: int = 0
     finish_reason: str = "length"
+    #: Per generated token: (where its text starts in `text`, token id, logprob, [(id, logprob)]).
+    logprobs: list[tuple[int, int, float, list[tuple[int, float]]]] = field(default_factory=list)
     decoder: codecs.IncrementalDecoder = field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
     )
@@ -108,6 +115,7 @@ class BatchDecoder:
         self.control_ids = frozenset(
             t for t in range(C.llama_vocab_n_tokens(self.vocab)) if C.llama_vocab_is_control(self.vocab, t)
         )
+        self.n_vocab = int(C.llama_vocab_n_tokens(self.vocab))
         self._batch = C.llama_batch_init(self.n_batch, 0, 1)
 
     # --- text ⇄ tokens ------------------------------------------------------------------------
@@ -117,6 +125,9 @@ class BatchDecoder:
 
     def token_text(self, token: int) -> str:
         return self._piece(token).decode("utf-8", "replace")
+
+    def token_bytes(self, token: int) -> bytes:
+        return self._piece(token)
 
     def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = False) -> list[int]:
         """`parse_special` turns control-token markers in `text` into control tokens: only for the
@@ -151,8 +162,10 @@ class BatchDecoder:
         if need > self.n_ctx:
             raise ValueError(f"the batch needs {need} KV cells, the context has {self.n_ctx}")
         C.llama_memory_clear(self.memory, True)
-        samplers = [self._sampler(j) for j in jobs]
+        samplers: list[C.llama_sampler_p] = []
         try:
+            for j in jobs:
+                samplers.append(self._sampler(j))
             self._run(jobs, samplers)
         finally:
             for s in samplers:
@@ -187,6 +200,8 @@ class BatchDecoder:
             for s in live:
                 job = jobs[s]
                 token = int(C.llama_sampler_sample(samplers[s], self.ctx, out_index[s]))
+                if job.top_logprobs is not None and not C.llama_vocab_is_eog(self.vocab, token):
+                    self._record_logprob(job, token, out_index[s])
                 if self._accept(job, token):
                     step.append((token, pos[s], s, True))
                     pos[s] += 1
@@ -210,6 +225,8 @@ class BatchDecoder:
                 cut = job.text.find(stop)
                 if cut >= 0:
                     job.text = job.text[:cut]
+                    # The tokens that wrote the stop sequence are not part of the answer either.
+                    job.logprobs = [e for e in job.logprobs if e[0] < cut]
                     job.finish_reason = "stop"
                     return False
         if job.completion_tokens >= job.max_tokens:
@@ -217,6 +234,22 @@ class BatchDecoder:
             job.finish_reason = "length"
             return False
         return True
+
+    def _record_logprob(self, job: SeqJob, token: int, index: int) -> None:
+        """The model's log probability of `token` (from the raw logits: before temperature, top_p or
+        a grammar reshape them, as vLLM reports them) and its `job.top_logprobs` likeliest rivals."""
+        ptr = C.llama_get_logits_ith(self.ctx, index)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
+        top = float(logits.max())
+        logprobs = logits - (top + float(np.log(np.exp(logits - top).sum())))
+        k = job.top_logprobs or 0
+        best: list[tuple[int, float]] = []
+        if k:
+            ids = np.argpartition(-logprobs, k - 1)[:k]
+            ids = ids[np.argsort(-logprobs[ids], kind="stable")]
+            best = [(int(i), float(logprobs[i])) for i in ids]
+        # Where this token's text will start: the text so far plus what the decoder still holds.
+        job.logprobs.append((len(job.text), token, float(logprobs[token]), best))
 
     @staticmethod
     def _emit(job: SeqJob, data: bytes, *, final: bool) -> None:
@@ -228,6 +261,13 @@ class BatchDecoder:
 
     def _sampler(self, job: SeqJob) -> C.llama_sampler_p:
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
+        if job.grammar is not None:
+            # First in the chain: every later sampler sees only tokens the grammar allows.
+            grammar = C.llama_sampler_init_grammar(self.vocab, job.grammar.encode(), b"root")
+            if not grammar:
+                C.llama_sampler_free(chain)
+                raise ValueError("llama.cpp could not parse the response_format grammar")
+            C.llama_sampler_chain_add(chain, grammar)
         if job.temperature <= 0.0:
             C.llama_sampler_chain_add(chain, C.llama_sampler_init_greedy())
         else:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from inference_workers.engines.base import Completion, Engine, EngineError, Generation, Message
+from schemas import ResponseFormat, SamplingParams, TokenLogprob, TopLogprob, limits
 
 log = logging.getLogger(__name__)
 
@@ -153,44 +154,110 @@ class VllmEngine(Engine):
             raise EngineError(f"{self.name} is not started")
         return list(await asyncio.gather(*(self._one(g) for g in batch)))
 
+    @staticmethod
+    def sampling_args(s: SamplingParams) -> dict[str, Any]:
+        """vLLM SamplingParams fields for `s` (structured output apart: see `structured_output`).
+        vLLM's `logprobs=k` returns the sampled token's logprob plus its k likeliest rivals (0: the
+        sampled token alone), from the raw logits, as OpenAI reports them."""
+        return {
+            "n": s.n,
+            "max_tokens": s.max_tokens,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "seed": s.seed,
+            "stop": list(s.stop) or None,
+            "logprobs": s.top_logprobs if s.logprobs else None,
+        }
+
+    @staticmethod
+    def structured_output(fmt: ResponseFormat | None) -> dict[str, Any]:
+        """The SamplingParams field that constrains decoding to `fmt`: `structured_outputs`
+        (StructuredOutputsParams, vLLM >= 0.10.2) or, on older vLLM, `guided_decoding`
+        (GuidedDecodingParams); {} for free text. Both take `json` (a schema) or `json_object`."""
+        if fmt is None or fmt.type == "text":
+            return {}
+        spec: dict[str, Any] = (
+            {"json": fmt.json_schema}
+            if fmt.type == "json_schema" and fmt.json_schema
+            else {"json_object": True}
+        )
+        try:
+            from vllm.sampling_params import StructuredOutputsParams
+        except ImportError:
+            from vllm.sampling_params import GuidedDecodingParams
+
+            return {"guided_decoding": GuidedDecodingParams(**spec)}
+        return {"structured_outputs": StructuredOutputsParams(**spec)}
+
     async def _one(self, g: Generation) -> Completion:
-        from vllm import SamplingParams
+        from vllm import SamplingParams as VllmSampling
         from vllm.sampling_params import RequestOutputKind
 
         s = g.sampling
-        params = SamplingParams(
-            max_tokens=s.max_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            seed=s.seed,
-            stop=list(s.stop) or None,
+        params = VllmSampling(
+            **self.sampling_args(s),
+            **self.structured_output(s.response_format),
             output_kind=RequestOutputKind.DELTA if g.on_token else RequestOutputKind.FINAL_ONLY,
         )
         # vLLM refuses duplicate ids in flight: a replayed request gets a fresh one.
         request_id = f"{g.request_id or 'r'}-{uuid.uuid4().hex[:8]}"
-        text: list[str] = []
-        prompt_tokens = completion_tokens = 0
-        finish: str | None = None
+        # Per sample (vLLM's CompletionOutput.index): text pieces, token count, finish, logprobs.
+        texts: list[list[str]] = [[] for _ in range(s.n)]
+        tokens = [0] * s.n
+        finish: list[str | None] = [None] * s.n
+        logprobs: list[list[TokenLogprob]] = [[] for _ in range(s.n)]
+        prompt_tokens = 0
         try:
             async for out in self._engine.generate(self.prompt_input(g), params, request_id):
                 if out.prompt_token_ids is not None:
                     prompt_tokens = len(out.prompt_token_ids)
-                for c in out.outputs[:1]:
+                for c in out.outputs:
+                    k = c.index
                     if c.text:
-                        text.append(c.text)
-                        if g.on_token:
+                        texts[k].append(c.text)
+                        # Streaming is refused with n > 1 (the gateway's 400), so this is sample 0.
+                        if g.on_token and k == 0:
                             g.on_token(c.text)
-                    completion_tokens += len(c.token_ids)
-                    finish = c.finish_reason or finish
+                    tokens[k] += len(c.token_ids)
+                    finish[k] = c.finish_reason or finish[k]
+                    if s.logprobs and c.logprobs:
+                        logprobs[k].extend(
+                            self._logprob(t, step, s.top_logprobs)
+                            for t, step in zip(c.token_ids, c.logprobs, strict=False)
+                        )
         except Exception as e:
             log.exception("%s: request %s failed", self.name, g.request_id)
             return Completion(finish_reason="error", error=f"{type(e).__name__}: {e}")
-        return Completion(
-            text="".join(text),
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            finish_reason="length" if finish == "length" else "stop",
+        samples = [
+            Completion(
+                text="".join(texts[k]),
+                prompt_tokens=prompt_tokens if k == 0 else 0,
+                completion_tokens=tokens[k],
+                finish_reason="length" if finish[k] == "length" else "stop",
+                logprobs=logprobs[k] if s.logprobs else None,
+            )
+            for k in range(s.n)
+        ]
+        samples[0].more = samples[1:]
+        return samples[0]
+
+    @staticmethod
+    def _logprob(token: int, step: dict[int, Any], top: int) -> TokenLogprob:
+        """One position of vLLM's logprobs (token id → Logprob(logprob, rank, decoded_token)) as the
+        contract's entry: the sampled token, and the `top` of rank 1..top."""
+
+        def entry(t: int) -> dict[str, Any]:
+            lp = step.get(t)
+            text = (getattr(lp, "decoded_token", None) or "")[: limits.TOKEN_TEXT_MAX]
+            value = float(lp.logprob) if lp is not None else -9999.0
+            data = text.encode("utf-8")[: limits.TOKEN_TEXT_MAX]
+            # -9999 is OpenAI's "impossible"; the bound keeps -inf (not JSON) off the bus.
+            return {"token": text, "logprob": max(-9999.0, min(0.0, value)), "bytes": data}
+
+        ranked = sorted(
+            (t for t in step if getattr(step[t], "rank", None) is not None), key=lambda t: step[t].rank
         )
+        return TokenLogprob(**entry(token), top_logprobs=[TopLogprob(**entry(t)) for t in ranked[:top]])
 
     def describe(self) -> dict[str, object]:
         return {**super().describe(), "model": self.model, "options": self.options}

@@ -21,7 +21,7 @@ from inference_workers.worker import respond
 from inference_workers.worker.intake import Pending
 from infra.kafka.codec import Output
 from infra.kafka.dlq import encode_dead_letter, rejection_response
-from schemas import ErrorCode, TokenChunk, Topics
+from schemas import AnswerChoice, ErrorCode, TokenChunk, Topics
 
 log = logging.getLogger(__name__)
 
@@ -249,15 +249,16 @@ class Answerer:
             self.emit_token(
                 TokenChunk(**ev.envelope(), index=_FINAL_INDEX, text="", final=True, model=job.model)  # type: ignore[arg-type]
             )
-        if done.error is not None:
+        failed = next((d.error for d in done.samples if d.error is not None), None)
+        if failed is not None:
             self.stats.errors += 1
-            out.extend(self._dead_letter(job.pending, RuntimeError(done.error), respond_too=False))
+            out.extend(self._dead_letter(job.pending, RuntimeError(failed), respond_too=False))
             out.append(
                 respond.error(
                     ev,
                     topics=self.topics,
                     code=ErrorCode.ENGINE_ERROR,
-                    message=f"the model failed: {done.error}",
+                    message=f"the model failed: {failed}",
                     model=job.model,
                     queue_ms=queue_ms,
                     generate_ms=gen_ms,
@@ -266,6 +267,18 @@ class Answerer:
             return out
         self.stats.answered += 1
         text = done.text.strip()
+        sampling = job.generation.sampling
+        choices = None
+        if sampling.n > 1 or sampling.logprobs:
+            choices = [
+                AnswerChoice(
+                    index=k,
+                    text=d.text.strip(),
+                    finish_reason="length" if d.finish_reason == "length" else "stop",
+                    logprobs=d.logprobs if sampling.logprobs else None,
+                )
+                for k, d in enumerate(done.samples)
+            ]
         if job.key is not None:
             await self.cache.put(
                 job.key,
@@ -279,11 +292,13 @@ class Answerer:
                 text=text,
                 citations=citations_for(text, job.prompt.chunks),
                 prompt_tokens=done.prompt_tokens,
-                completion_tokens=done.completion_tokens,
+                # Every sample's tokens, as OpenAI counts them.
+                completion_tokens=sum(d.completion_tokens for d in done.samples),
                 finish_reason=done.finish_reason,
                 cached=False,
                 queue_ms=queue_ms,
                 generate_ms=gen_ms,
+                choices=choices,
             )
         )
         return out

@@ -7,6 +7,7 @@ from datetime import datetime
 
 from infra.kafka.codec import Output, encode
 from schemas import (
+    AnswerChoice,
     ChatResponse,
     Citation,
     EnrichedRequest,
@@ -54,7 +55,10 @@ def answer(
     cached: bool,
     queue_ms: float | None,
     generate_ms: float | None,
+    choices: list[AnswerChoice] | None = None,
 ) -> Output:
+    """The answer event; `choices` (every sample, the first being `text`) when the request asked
+    for several or for logprobs."""
     req = enriched.request
     response = ChatResponse(
         **enriched.envelope(),  # type: ignore[arg-type]
@@ -72,6 +76,7 @@ def answer(
         conversation_id=req.conversation_id,
         job_id=req.job_id,
         custom_id=req.custom_id,
+        choices=choices or [],
     )
     return reply_topic(topics, enriched), encode(response)
 

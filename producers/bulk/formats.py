@@ -21,7 +21,7 @@ import orjson
 from annotated_types import MaxLen
 from pydantic import ValidationError
 
-from producers.openai.convert import InvalidInput, parse_body, to_chat_request
+from producers.openai.convert import InvalidInput, parse_body, to_chat_request, to_choices
 from producers.openai.protocol import ChatCompletionRequest
 from producers.requests import build_chat_request
 from schemas import ChatRequest, ChatResponse
@@ -227,13 +227,7 @@ def output_line(custom_id: str, response: ChatResponse | None, error: tuple[str,
         "object": "chat.completion",
         "created": int(response.created_at.timestamp()),
         "model": response.model or "ragbus",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": response.answer},
-                "finish_reason": response.finish_reason or "stop",
-            }
-        ],
+        "choices": [c.model_dump(mode="json") for c in to_choices(response)],
         "usage": {
             "prompt_tokens": response.usage.prompt_tokens,
             "completion_tokens": response.usage.completion_tokens,

@@ -23,17 +23,15 @@ from producers.gateway.errors import (
     pipeline_error_response,
 )
 from producers.gateway.tenants import TenantClients, TenantUnavailable
-from producers.openai.convert import to_chat_request
+from producers.openai.convert import to_chat_request, to_choices
 from producers.openai.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
-    Choice,
     ChunkChoice,
     Delta,
     ModelCard,
     ModelList,
-    ResponseMessage,
     Usage,
     error_body,
 )
@@ -123,12 +121,7 @@ class OpenAIServing:
             id=f"chatcmpl-{response.request_id}",
             created=int(response.created_at.timestamp()),
             model=response.model or "ragbus",
-            choices=[
-                Choice(
-                    message=ResponseMessage(content=response.answer),
-                    finish_reason=response.finish_reason or "stop",
-                )
-            ],
+            choices=to_choices(response),
             usage=self._usage(response),
             citations=[c.model_dump(mode="json") for c in response.citations],
             ragbus={

@@ -18,10 +18,16 @@ from producers.openai.protocol import (
     NEUTRAL_STREAM_OPTIONS,
     ChatCompletionMessage,
     ChatCompletionRequest,
+    Choice,
+    ChoiceLogprobs,
+    ResponseFormatParam,
+    ResponseMessage,
     StreamOptions,
+    TokenLogprobOut,
+    TopLogprobOut,
 )
 from producers.requests import build_chat_request
-from schemas import ChatMessage, ChatRequest
+from schemas import ChatMessage, ChatRequest, ChatResponse, TokenLogprob
 
 
 class InvalidInput(ValueError):
@@ -43,6 +49,8 @@ class InvalidInput(ValueError):
     def of_contract(cls, err: ValidationError) -> InvalidInput:
         """A request the contract (ChatRequest, SamplingParams) refuses."""
         first = err.errors()[0].get("loc", ()) if err.error_count() else ()
+        if err.title == "SamplingParams":  # built on its own: its locations start inside it
+            first = ("sampling", *first)
         return cls(describe(err), openai_param(first))
 
 
@@ -103,6 +111,22 @@ def to_chat_request(body: ChatCompletionRequest, **envelope: Any) -> ChatRequest
     (its bounds are tighter than the protocol's)."""
     system, history, question = split_messages([m.model_dump(exclude_none=True) for m in body.messages])
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    stream = body.stream and envelope.get("lane", "chat") == "chat"
+    if stream and body.n > 1:
+        raise InvalidInput(
+            "`n` > 1 with `stream` is not supported: stream one answer, or leave out `stream` for "
+            f"{body.n} choices",
+            "n",
+            "unsupported_parameter",
+        )
+    if stream and body.logprobs:
+        raise InvalidInput(
+            "`logprobs` with `stream` is not supported: leave out `stream` to get them",
+            "logprobs",
+            "unsupported_parameter",
+        )
+    if body.top_logprobs and not body.logprobs:
+        raise InvalidInput("`top_logprobs` needs `logprobs`: true", "top_logprobs")
     try:
         return build_chat_request(
             question,
@@ -110,19 +134,97 @@ def to_chat_request(body: ChatCompletionRequest, **envelope: Any) -> ChatRequest
             system_prompt=system,
             model=body.model,
             # Token events exist on the chat lane only; other lanes answer whole.
-            stream=body.stream and envelope.get("lane", "chat") == "chat",
+            stream=stream,
             sampling={
                 "max_tokens": body.max_completion_tokens or body.max_tokens,
                 "temperature": body.temperature,
                 "top_p": body.top_p,
                 "seed": body.seed,
                 "stop": stop,
+                "n": body.n,
+                "logprobs": body.logprobs,
+                "top_logprobs": body.top_logprobs,
+                "response_format": response_format(body.response_format),
             },
             metadata=_metadata(body),
             **envelope,
         )
     except ValidationError as e:
         raise InvalidInput.of_contract(e) from None
+
+
+def response_format(param: ResponseFormatParam | None) -> dict[str, Any] | None:
+    """OpenAI's `response_format` as the contract's ResponseFormat fields (None: free text). A
+    schema is checked to be a JSON Schema where `jsonschema` is installed (else the engine's grammar
+    compiler is the first to read it); raises InvalidInput."""
+    if param is None or param.type == "text":
+        return None
+    spec = param.json_schema
+    if param.type == "json_object" or spec is None or spec.schema_ is None:
+        # A json_schema without a schema: any JSON object, as json_object.
+        return {"type": "json_object", "name": spec.name if spec else None}
+    check_json_schema(spec.schema_)
+    return {
+        "type": "json_schema",
+        "name": spec.name,
+        "description": spec.description,
+        "json_schema": spec.schema_,
+        "strict": bool(spec.strict),
+    }
+
+
+def check_json_schema(schema: dict[str, Any]) -> None:
+    """Raises InvalidInput when `schema` is not a valid JSON Schema (by its own `$schema` draft, else
+    the latest); does nothing when `jsonschema` is not installed."""
+    try:
+        from jsonschema import exceptions, validators
+    except ImportError:
+        return
+    try:
+        validators.validator_for(schema).check_schema(schema)
+    except exceptions.SchemaError as e:
+        where = "/".join(str(p) for p in e.path) or "the top level"
+        raise InvalidInput(
+            f"response_format.json_schema.schema is not a valid JSON Schema (at {where[:200]}: "
+            f"{e.validator} {str(e.validator_value)[:100]})",
+            "response_format.json_schema.schema",
+        ) from None
+
+
+def to_choices(response: ChatResponse) -> list[Choice]:
+    """The OpenAI choices of an answer: each of `response.choices` when the request asked for several
+    or for logprobs, else the one `answer`. Written once for the gateway and bulk output lines."""
+    if not response.choices:
+        return [
+            Choice(
+                message=ResponseMessage(content=response.answer),
+                finish_reason=response.finish_reason or "stop",
+            )
+        ]
+    return [
+        Choice(
+            index=c.index,
+            message=ResponseMessage(content=c.text),
+            finish_reason=c.finish_reason,
+            logprobs=None
+            if c.logprobs is None
+            else ChoiceLogprobs(content=[_logprob(t) for t in c.logprobs]),
+        )
+        for c in response.choices
+    ]
+
+
+def _logprob(t: TokenLogprob) -> TokenLogprobOut:
+    """A contract logprob entry as OpenAI writes it (bytes as a list of integers)."""
+    return TokenLogprobOut(
+        token=t.token,
+        logprob=t.logprob,
+        bytes=None if t.bytes is None else list(t.bytes),
+        top_logprobs=[
+            TopLogprobOut(token=a.token, logprob=a.logprob, bytes=None if a.bytes is None else list(a.bytes))
+            for a in t.top_logprobs
+        ],
+    )
 
 
 def _metadata(body: ChatCompletionRequest) -> dict[str, str]:
@@ -189,6 +291,9 @@ _OPENAI_FIELD = {
     "custom_id": "custom_id",
     "metadata": "metadata",
     "client_ip": "X-Forwarded-For",
+    # SamplingParams' own checks (not of one field) are about logprobs: with top_logprobs, and
+    # their size.
+    "sampling": "logprobs",
 }
 
 

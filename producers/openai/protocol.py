@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from schemas import limits
 
@@ -38,13 +38,9 @@ def _one_of(*values: Any) -> Callable[[Any], bool]:
 #: OpenAI chat-completions parameters ragbus has no engine support for, accepted only at their
 #: neutral value (the one that asks for nothing): name → (is it neutral, the neutral value in words).
 NEUTRAL_PARAMS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "n": (_number(1), "1"),
     "presence_penalty": (_number(0), "0"),
     "frequency_penalty": (_number(0), "0"),
     "logit_bias": (_empty, "{}"),
-    "logprobs": (_one_of(None, False), "false"),
-    "top_logprobs": (_number(0), "0"),
-    "response_format": (lambda v: v is None or v == {"type": "text"}, '{"type": "text"}'),
     "tools": (_empty, "[]"),
     # Without tools, "auto" and "none" both mean: answer in text.
     "tool_choice": (_one_of(None, "none", "auto"), '"none"'),
@@ -104,6 +100,34 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`: OpenAI's name, description, schema and strict flag."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(
+        min_length=1, max_length=limits.JSON_SCHEMA_NAME_MAX, pattern=limits.JSON_SCHEMA_NAME_PATTERN
+    )
+    description: str | None = Field(default=None, max_length=limits.METADATA_VALUE_MAX)
+    #: `schema` in JSON (the attribute would shadow pydantic's own `schema`). Absent: any JSON object.
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    #: ragbus always constrains generation to the schema, so strict or not, the answer fits it.
+    strict: bool | None = None
+
+
+class ResponseFormatParam(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormatParam:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('`json_schema` comes with type "json_schema", and only with it')
+        return self
+
+
 class ChatCompletionRequest(BaseModel):
     """The parameters ragbus honours. Neutral-only parameters are checked and dropped before this
     model sees a body (producers/openai/convert.py); anything else is refused here too."""
@@ -121,6 +145,14 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = None
     stop: str | list[str] | None = None
+    #: Answers to sample for the prompt (choices); not with `stream`.
+    #: Strict, as the neutral checks before them were: `true` is not the number 1, nor `0` false.
+    n: StrictInt = Field(default=1, ge=1, le=limits.CHOICES_MAX)
+    #: Per-token log probabilities in each choice (`top_logprobs` alternatives each); not with `stream`.
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=limits.TOP_LOGPROBS_MAX)
+    #: Text, any JSON object, or JSON valid against a schema; enforced while the model generates.
+    response_format: ResponseFormatParam | None = None
     #: End-user hints, recorded in the request's metadata (and so in the audit log).
     user: str | None = Field(default=None, max_length=limits.METADATA_VALUE_MAX)
     safety_identifier: str | None = Field(default=None, max_length=limits.METADATA_VALUE_MAX)
@@ -149,11 +181,26 @@ class ResponseMessage(BaseModel):
     content: str
 
 
+class TopLogprobOut(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprobOut(TopLogprobOut):
+    top_logprobs: list[TopLogprobOut] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobOut] | None = None
+    refusal: list[TokenLogprobOut] | None = None
+
+
 class Choice(BaseModel):
     index: int = 0
     message: ResponseMessage
     finish_reason: str | None = "stop"
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
