@@ -13,8 +13,8 @@ not updated and not returned; then the rows that were taken are given back (a se
 only on that path) and the answer is 429 with Retry-After = seconds to the window's end. When the
 answer arrives the reservation is settled to the real usage (one UPDATE): a successful generation
 counts its prompt + completion tokens; an error or an answer-cache hit gives the reservation back
-and is counted apart. A stream the client abandons keeps its reservation (the tokens were likely
-generated; nothing says how many).
+and is counted apart. A request the client abandons (a disconnect, stream or not) keeps its
+reservation: the tokens were likely generated, and nothing says how many.
 
 Fixed windows let a client use up to twice a per-minute limit across a window's edge; a sliding
 window would need a second row read per request. A tenant's limits are read from `quota_limits`
