@@ -19,7 +19,7 @@ import hashlib
 import hmac
 import json
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +35,9 @@ class Principal:
     tenant_id: str
     user_id: str
     #: The key's fingerprint (the first 16 hex digits of its sha256), never the key: its quota rows.
-    key_id: str = ""
+    key_id: str = field(default="", compare=False)
     #: The key's own quotas, if its entry sets any.
-    limits: Limits | None = None
+    limits: Limits | None = field(default=None, compare=False)
 
 
 class ApiKeys:
