@@ -36,7 +36,7 @@ def test_month_window_crosses_the_year_and_is_utc() -> None:
     # 00:30 on Feb 1st in UTC+2 is still January in UTC.
     local = datetime(2025, 2, 1, 0, 30, tzinfo=timezone(timedelta(hours=2)))
     assert window_start("month", local) == datetime(2025, 1, 1, tzinfo=UTC)
-    assert retry_after_s("month", local) == 30 * 60
+    assert retry_after_s("month", local) == 90 * 60  # 22:30 UTC on Jan 31st
 
 
 def test_estimate_is_text_over_four_plus_max_tokens() -> None:
