@@ -91,9 +91,9 @@ def _with_db(s: Settings, work: Callable[[Any], Awaitable[T]], *, role: PgRole =
 
     try:
         return asyncio.run(run())
-    except asyncpg.UndefinedTableError:
+    except asyncpg.UndefinedTableError as e:
         err_console.print(
-            "[red]error:[/red] there is no audit_log table yet: `ragbus up` (or `ragbus sink run`) creates it"
+            f"[red]error:[/red] Postgres: {e}: `ragbus up` (or `ragbus sink run`) creates the tables"
         )
         raise typer.Exit(1) from None
     except asyncpg.InsufficientPrivilegeError as e:
@@ -276,13 +276,21 @@ def audit_table(entries: list[Any], prefix: str) -> Table:
 
 @friendly_errors
 def usage(
-    by: str = typer.Option("tenant", "--by", help="tenant, user, model, day or month."),
-    since: str = typer.Option(None, "--since", help="e.g. 7d, or an ISO date (default: all time)."),
-    until: str = typer.Option(None, "--until"),
+    by: str = typer.Option(
+        None, "--by", help="tenant, user, model, day or month: token history from the audit trail instead."
+    ),
+    since: str = typer.Option(None, "--since", help="History from: e.g. 7d, or an ISO date (implies --by)."),
+    until: str = typer.Option(None, "--until", help="History until (implies --by)."),
     tenant: str = typer.Option(None, "--tenant", "-t", help="Only this tenant."),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
-    """Prompt and completion tokens of the answered requests, summed from the audit trail."""
+    """Each tenant's use against its quotas: requests and tokens this minute, tokens this month
+    (only successful generations count; errors and cache hits apart). With --by / --since /
+    --until: prompt and completion tokens of the answered requests, summed from the audit trail."""
+    if by is None and since is None and until is None:
+        _quota_usage(tenant, as_json)
+        return
+    by = by or "tenant"
     from sinks.audit.query import USAGE_KEYS
     from sinks.audit.query import usage as usage_query
 
@@ -309,4 +317,53 @@ def usage(
         )
     if not rows:
         table.add_row("(no responses)", "", "", "", "")
+    console.print(table)
+
+
+def _limit(used: int, cap: int) -> str:
+    return f"{used} / {cap}" if cap else f"{used} / -"
+
+
+def _quota_usage(tenant: str | None, as_json: bool) -> None:
+    """`ragbus usage` without --by: the quota counters the gateways share, against the limits."""
+    from producers.gateway.quota_report import quota_use
+    from producers.gateway.quota_windows import Limits
+
+    s = settings()
+    defaults = Limits(s.gateway_quota_rpm, s.gateway_quota_tpm, s.gateway_quota_monthly_tokens)
+    now = datetime.now(UTC)
+    rows = _with_db(s, lambda conn: quota_use(conn, defaults, now, tenant=tenant))
+    if as_json:
+        print_json([r.as_dict() for r in rows])
+        return
+    table = Table(title=f"quota use ({now:%Y-%m} UTC; limit '-': unlimited)")
+    columns = (
+        "tenant",
+        "key",
+        "requests/min",
+        "tokens/min",
+        "tokens this month",
+        "ok",
+        "prompt",
+        "completion",
+        "errors",
+        "cache hits",
+    )
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("tenant", "key") else "right")
+    for r in rows:
+        table.add_row(
+            _cell(r.tenant),
+            _cell(r.key_id) if r.key_id else "(all)",
+            _limit(r.requests_this_minute, r.rpm),
+            _limit(r.tokens_this_minute, r.tpm),
+            _limit(r.tokens_this_month, r.monthly_tokens),
+            str(r.ok_requests),
+            str(r.prompt_tokens),
+            str(r.completion_tokens),
+            str(r.error_requests),
+            str(r.cache_hits),
+        )
+    if not rows:
+        table.add_row("(no use yet)", *[""] * (len(columns) - 1))
     console.print(table)

@@ -38,9 +38,10 @@ class Component:
 
 
 #: Secret settings that belong to one component each: the audit keys and the Postgres DSNs are the
-#: audit sink's (readers are CLI commands, run in the user's own environment, not components).
+#: audit sink's, but the gateway's own DSN (readers are CLI commands, run in the user's own
+#: environment, not components).
 _OWNED_SECRETS = frozenset(
-    {"audit_encryption_keys", "audit_key_file", "pg_dsn", "pg_sink_dsn", "pg_reader_dsn"}
+    {"audit_encryption_keys", "audit_key_file", "pg_dsn", "pg_sink_dsn", "pg_reader_dsn", "pg_gateway_dsn"}
 )
 
 
@@ -54,7 +55,7 @@ COMPONENTS: tuple[Component, ...] = (
     ),
     Component("worker", ("worker", "run"), "inference worker: enriched requests → answers"),
     Component("processors", ("processors", "run"), "ingestion and retrieval processors"),
-    Component("gateway", ("gateway",), "OpenAI-compatible HTTP gateway"),
+    Component("gateway", ("gateway",), "OpenAI-compatible HTTP gateway", frozenset({"pg_gateway_dsn"})),
 )
 BY_NAME = {c.name: c for c in COMPONENTS}
 

@@ -1,9 +1,10 @@
-"""`ragbus tenants add | list | remove | rotate`: who may use the bus.
+"""`ragbus tenants add | list | remove | rotate | limits`: who may use the bus, and how much.
 
 A tenant is its topics (`<prefix>.t.<tenant>.*`), a SCRAM principal (`<prefix>.t.<tenant>`) and
 the ACLs that let it write only its own requests and read only its own replies
 (`schemas.tenants`). Passwords are generated here, shown once, and kept only in 0600 files under
-the home (for `--tenant` and the gateway on this machine).
+the home (for `--tenant` and the gateway on this machine). A tenant's quotas (`limits`) are a row
+in Postgres that every gateway reads (producers/gateway/quotas.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from infra.kafka.security import (
 from infra.procs import ServiceError
 from infra.secrets import tenant_password_path
 from infra.settings import Settings
+from schemas.topics import check_tenant
 
 tenants_app = typer.Typer(
     help="Tenants: their topics, SCRAM credentials and ACLs on the Kafka cluster.", no_args_is_help=True
@@ -147,3 +149,39 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) 
     if not found:
         table.add_row("(none)", "", "", "", "", "")
     console.print(table)
+
+
+@tenants_app.command("limits")
+@friendly_errors
+def limits(
+    name: str = NAME,
+    rpm: int = typer.Option(None, "--rpm", min=0, help="Requests per minute (0: unlimited)."),
+    tpm: int = typer.Option(
+        None, "--tpm", min=0, help="Tokens (prompt + completion) per minute (0: unlimited)."
+    ),
+    monthly_tokens: int = typer.Option(
+        None, "--monthly-tokens", min=0, help="Tokens per calendar month, UTC (0: unlimited)."
+    ),
+    reset: bool = typer.Option(False, "--reset", help="Back to the gateway's defaults (gateway_quota_*)."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Set the tenant's quotas, enforced by every gateway with RAGBUS_GATEWAY_QUOTAS=true within
+    gateway_quota_refresh_s; a limit not given stays as it is, one never set is the default."""
+    from cli.audit import _with_db
+    from producers.gateway.quota_report import set_limits
+
+    s = settings()
+    try:
+        check_tenant(name)
+    except ValueError as e:
+        raise ServiceError(str(e)) from None
+    row = _with_db(
+        s,
+        lambda conn: set_limits(conn, name, rpm=rpm, tpm=tpm, monthly_tokens=monthly_tokens, reset=reset),
+        role="owner",
+    )
+    if as_json:
+        print_json({"tenant": name, **row})
+        return
+    shown = ", ".join(f"{k}={'default' if v is None else (v or 'unlimited')}" for k, v in row.items())
+    console.print(f"tenant [bold]{name}[/bold] quotas: {shown}", highlight=False)

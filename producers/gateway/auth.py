@@ -6,6 +6,10 @@
 key = "sk-acme-1"            # or: sha256 = "<hex digest of the key>"
 tenant = "acme"
 user = "alice"
+# optional, this key's own quotas on top of its tenant's (0 or absent: none of its own)
+rpm = 60                     # requests per minute
+tpm = 20000                  # tokens per minute
+monthly_tokens = 1000000     # tokens per calendar month (UTC)
 ```
 """
 
@@ -15,16 +19,25 @@ import hashlib
 import hmac
 import json
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from producers.gateway.quota_windows import Limits
 from schemas.topics import check_tenant
+
+#: Per-key quota fields of a keys file entry.
+_LIMIT_FIELDS = ("rpm", "tpm", "monthly_tokens")
 
 
 @dataclass(frozen=True)
 class Principal:
     tenant_id: str
     user_id: str
+    #: The key's fingerprint (the first 16 hex digits of its sha256), never the key: its quota rows.
+    key_id: str = field(default="", compare=False)
+    #: The key's own quotas, if its entry sets any.
+    limits: Limits | None = field(default=None, compare=False)
 
 
 class ApiKeys:
@@ -49,7 +62,13 @@ class ApiKeys:
                 tenant = check_tenant(str(item["tenant"]))
             except ValueError as e:
                 raise ValueError(f"{path}: keys[{i}]: {e}") from None
-            entries[digest.lower()] = Principal(tenant, item.get("user", tenant))
+            digest = digest.lower()
+            entries[digest] = Principal(
+                tenant,
+                item.get("user", tenant),
+                key_id=digest[:16],
+                limits=_limits(item, f"{path}: keys[{i}]"),
+            )
         return cls(entries)
 
     def __len__(self) -> int:
@@ -64,3 +83,16 @@ class ApiKeys:
             if hmac.compare_digest(known, digest):
                 found = principal
         return found
+
+
+def _limits(item: dict[str, Any], where: str) -> Limits | None:
+    """The key's own quotas from its entry, or None when it sets none."""
+    if not any(name in item for name in _LIMIT_FIELDS):
+        return None
+    values = {}
+    for name in _LIMIT_FIELDS:
+        value = item.get(name, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{where}: `{name}` must be a whole number >= 0 (0: unlimited), not {value!r}")
+        values[name] = value
+    return Limits(**values)

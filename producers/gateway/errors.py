@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from producers.gateway.quota_windows import Exceeded
 from producers.openai.convert import common_param, loc_path
 from producers.openai.protocol import error_body
 from schemas import ChatResponse, ErrorCode, new_id
@@ -34,6 +35,23 @@ def openai_error(
 ) -> JSONResponse:
     headers = {"X-Request-Id": request_id} if request_id else None
     return JSONResponse(error_body(message, type_, code, param), status_code=status, headers=headers)
+
+
+def quota_exceeded(over: Exceeded, request_id: str) -> JSONResponse:
+    """429 in OpenAI's shape: `rate_limit_exceeded` (type `requests` or `tokens`) for a per-minute
+    limit, `insufficient_quota` for the monthly budget. `Retry-After` says when the window that is
+    full ends; a request larger than the whole limit gets none and `x-should-retry: false` (the
+    official clients then do not retry), since waiting cannot help it."""
+    if over.kind == "monthly_tokens":
+        type_, code = "insufficient_quota", "insufficient_quota"
+    else:
+        type_, code = over.kind, "rate_limit_exceeded"
+    response = openai_error(429, over.message, type_, code, request_id=request_id)
+    if over.retry_after_s is None:
+        response.headers["x-should-retry"] = "false"
+    else:
+        response.headers["Retry-After"] = str(over.retry_after_s)
+    return response
 
 
 def invalid_request(err: RequestValidationError) -> JSONResponse:

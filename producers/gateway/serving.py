@@ -1,7 +1,9 @@
 """Serving side of /v1/chat/completions: OpenAI request → ChatRequest over the bus → OpenAI answer.
 
 Each request goes through the bus client of its API key's tenant (producers/gateway/tenants.py),
-so its answer is read from that tenant's reply topics and no other."""
+so its answer is read from that tenant's reply topics and no other. With quotas on, a request is
+admitted against its tenant's and key's limits before it goes on the bus and settled to its real
+usage when its answer comes back (producers/gateway/quotas.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ from producers.gateway.errors import (
     openai_error,
     pipeline_error,
     pipeline_error_response,
+    quota_exceeded,
 )
+from producers.gateway.quotas import QuotaStore, QuotaUnavailable, Reservation, outcome_of
 from producers.gateway.tenants import TenantClients, TenantUnavailable
 from producers.openai.convert import to_chat_request, to_choices
 from producers.openai.protocol import (
@@ -41,10 +45,18 @@ log = logging.getLogger(__name__)
 
 
 class OpenAIServing:
-    def __init__(self, clients: TenantClients, *, timeout: float, models: Callable[[], list[str]]) -> None:
+    def __init__(
+        self,
+        clients: TenantClients,
+        *,
+        timeout: float,
+        models: Callable[[], list[str]],
+        quotas: QuotaStore | None = None,
+    ) -> None:
         self.clients = clients
         self.timeout = timeout
         self.models = models
+        self.quotas = quotas
 
     def list_models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=name) for name in ["ragbus", *self.models()]])
@@ -70,15 +82,47 @@ class OpenAIServing:
                 request_id=request.request_id,
             )
 
-    async def create(self, body: ChatCompletionRequest, request: ChatRequest) -> Any:
+    async def _admit(
+        self, who: Principal, request: ChatRequest, kind: str
+    ) -> Reservation | JSONResponse | None:
+        """The request's quota reservation (None with quotas off), or the 429/503 refusing it."""
+        if self.quotas is None:
+            return None
+        try:
+            admitted = await self.quotas.reserve(who, request)
+        except QuotaUnavailable:
+            metrics.REQUESTS.labels("unavailable", kind).inc()
+            return openai_error(
+                503,
+                "the quota counters cannot be reached right now (the gateway's log says why); "
+                "try again later",
+                "server_error",
+                "quota_unavailable",
+                request_id=request.request_id,
+            )
+        if isinstance(admitted, Reservation):
+            return admitted
+        metrics.REQUESTS.labels("rate_limited", kind).inc()
+        return quota_exceeded(admitted, request.request_id)
+
+    async def _settle(self, reservation: Reservation | None, response: ChatResponse | None) -> None:
+        """Settle to the answer (None: no answer, an error for the count)."""
+        if self.quotas is not None and reservation is not None:
+            outcome = outcome_of(response) if response is not None else "error"
+            await self.quotas.settle(reservation, outcome, response)
+
+    async def create(self, body: ChatCompletionRequest, request: ChatRequest, who: Principal) -> Any:
         started = time.monotonic()
         kind = "true" if body.stream else "false"
         client = await self._client(request)
         if isinstance(client, JSONResponse):
             return client
+        reservation = await self._admit(who, request, kind)
+        if isinstance(reservation, JSONResponse):
+            return reservation
         if body.stream:
             return StreamingResponse(
-                self._sse(client, body, request, started),
+                self._sse(client, body, request, started, reservation),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Request-Id": request.request_id},
             )
@@ -87,11 +131,15 @@ class OpenAIServing:
             response = await client.ask_request(request, timeout=self.timeout)
         except ChatTimeout as e:
             metrics.REQUESTS.labels("timeout", kind).inc()
+            await self._settle(reservation, None)
             return openai_error(504, str(e), "timeout", "timeout", request_id=request.request_id)
         except ChatError as e:
+            await self._settle(reservation, e.response)
             return self._failed(e.response, kind)
         finally:
             metrics.INFLIGHT.dec()
+        # Settled before the answer goes out, so the next request (through any gateway) sees it.
+        await self._settle(reservation, response)
         metrics.REQUESTS.labels("ok", kind).inc()
         metrics.LATENCY.labels(kind).observe(time.monotonic() - started)
         self._count_tokens(response)
@@ -132,7 +180,12 @@ class OpenAIServing:
         )
 
     async def _sse(
-        self, client: ChatClient, body: ChatCompletionRequest, request: ChatRequest, started: float
+        self,
+        client: ChatClient,
+        body: ChatCompletionRequest,
+        request: ChatRequest,
+        started: float,
+        reservation: Reservation | None,
     ) -> AsyncIterator[str]:
         cid, created = f"chatcmpl-{request.request_id}", int(time.time())
         model = body.model or "ragbus"
@@ -150,6 +203,7 @@ class OpenAIServing:
                 yield chunk(Delta(content=text))
             final = stream.response
             assert final is not None
+            await self._settle(reservation, final)
             model = final.model or model
             yield chunk(Delta(), finish=final.finish_reason or "stop")
             if body.stream_options is not None and body.stream_options.include_usage:
@@ -159,12 +213,15 @@ class OpenAIServing:
             self._count_tokens(final)
         except ChatTimeout as e:
             metrics.REQUESTS.labels("timeout", "true").inc()
+            await self._settle(reservation, None)
             yield f"data: {json.dumps(error_body(str(e), 'timeout', 'timeout'))}\n\n"
         except ChatError as e:
             metrics.REQUESTS.labels(e.code.value, "true").inc()
+            await self._settle(reservation, e.response)
             yield f"data: {json.dumps(pipeline_error(e.response)[1])}\n\n"
         except Exception as e:  # noqa: BLE001 - the headers are sent: the error can only go in the stream
             metrics.REQUESTS.labels("internal_error", "true").inc()
+            await self._settle(reservation, None)
             log.error("request %s: stream failed: %s: %s", request.request_id, type(e).__name__, e)
             yield f"data: {json.dumps(internal_error_body(request.request_id))}\n\n"
         finally:

@@ -288,7 +288,7 @@ async def test_metrics_are_public_by_default_and_need_a_key_when_told() -> None:
 def test_the_openapi_document_lists_each_routes_statuses_and_content_types() -> None:
     paths = _app().openapi()["paths"]
     expected = {
-        ("/v1/chat/completions", "post"): {200, 400, 401, 403, 404, 413, 415, 499, 500, 504},
+        ("/v1/chat/completions", "post"): {200, 400, 401, 403, 404, 413, 415, 429, 499, 500, 503, 504},
         ("/v1/embeddings", "post"): {200, 400, 401, 404, 413, 415, 500, 503},
         ("/v1/models", "get"): {200, 400, 401, 413, 500},
         ("/healthz", "get"): {200, 400, 413, 500, 503},
