@@ -201,6 +201,12 @@ class ProcessorSettings(BaseModel):
         description="How often the processors look for new tenants' topics (a tenant added while they "
         "run is served within about this, plus a rebalance).",
     )
+    processors_stats_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="How often each processors instance logs what it has done since it started (records, "
+        "batches and dead letters per stage, under its instance id), when that changed; 0: never.",
+    )
     # Parsing runs in worker processes (processors/parse_pool.py) that are killed at the deadline,
     # so one hostile document costs at most parse_timeout_s, never the ingestion of the others.
     parse_workers: int = Field(

@@ -276,11 +276,16 @@ class Processors:
         assert self.app is not None and self.publisher.failed is not None
         stopping = asyncio.ensure_future(stop.wait())
         next_refresh = time.monotonic() + self.settings.tenant_refresh_s
+        every = self.settings.processors_stats_s
+        next_stats, logged = time.monotonic() + every, ""
         try:
             while not stop.is_set():
                 if time.monotonic() >= next_refresh:
                     await self.refresh_tenants()
                     next_refresh = time.monotonic() + self.settings.tenant_refresh_s
+                if every and time.monotonic() >= next_stats:
+                    logged = self._log_counters(logged)
+                    next_stats = time.monotonic() + every
                 await asyncio.wait(
                     [stopping, self.publisher.failed], timeout=1.0, return_when=asyncio.FIRST_COMPLETED
                 )
@@ -293,6 +298,17 @@ class Processors:
                     raise ProcessorsError(f"stopping: a stream agent crashed: {self.app.crash_reason!r}")
         finally:
             stopping.cancel()
+
+    def _log_counters(self, previous: str) -> str:
+        """One line of each stage's counters since start, under this instance's id (so the work of
+        several instances sharing the group can be told apart); only when it changed."""
+        line = "; ".join(
+            f"{name} {c.records} records in {c.batches} batches, {c.dead_letters} dead letters"
+            for name, c in ((n, st.counters) for n, st in self.stages.items())
+        )
+        if line != previous:
+            log.info("processors %s since start: %s", self.settings.process_id, line)
+        return line
 
     async def stop(self) -> None:
         if self.app is not None:
@@ -319,4 +335,5 @@ class Processors:
         if self._lite_lock is not None:
             self._lite_lock.close()  # releases the lock
             self._lite_lock = None
+        self._log_counters("")
         log.info("processors stopped")
