@@ -256,7 +256,7 @@ class VllmEngine(Engine):
             if g.cancelled is None:
                 await consume()
             else:
-                cancelled = await self._until_cancelled(consume(), g.cancelled, request_id)
+                cancelled = await self.until_cancelled(consume(), g.cancelled, request_id)
         except Exception as e:
             log.exception("%s: request %s failed", self.name, g.request_id)
             return Completion(finish_reason="error", error=f"{type(e).__name__}: {e}")
@@ -273,7 +273,7 @@ class VllmEngine(Engine):
         samples[0].more = samples[1:]
         return samples[0]
 
-    async def _until_cancelled(
+    async def until_cancelled(
         self, consuming: Coroutine[Any, Any, None], cancelled: CancelCheck, request_id: str
     ) -> bool:
         """Run `consuming` (the request's output stream) to its end, or until `cancelled()` turns
