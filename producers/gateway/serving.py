@@ -52,6 +52,23 @@ from schemas import ChatRequest, ChatResponse
 log = logging.getLogger(__name__)
 
 
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its generator when the response ends, however it ends.
+
+    When the client goes away Starlette stops iterating (a failed send, or a cancelled task) but
+    leaves the generator suspended, to be closed whenever it is collected; closing it here runs its
+    cleanup at once, and the stream's cleanup is what cancels the request."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
+
+
 class OpenAIServing:
     def __init__(
         self,
@@ -188,7 +205,7 @@ class OpenAIServing:
         if isinstance(reservation, JSONResponse):
             return reservation
         if body.stream:
-            return StreamingResponse(
+            return ClosingStreamingResponse(
                 self._sse(client, body, request, started, reservation),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Request-Id": request.request_id},
