@@ -10,6 +10,8 @@ llama.cpp) as the `ragbus` processes a user starts, against the session's broker
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -73,14 +75,15 @@ async def stack(
         yield Stack(url, s, p)
 
 
+async def _all(s: Settings) -> list[ChatResponse]:
+    """Every committed response on the tenant's chat responses topic."""
+    records = await read_topic(s, s.topics.tenant(TENANT).responses("chat"))
+    return [ChatResponse.model_validate_json(record.value) for record in records]
+
+
 async def _responses(s: Settings, request_id: str) -> list[ChatResponse]:
-    """The committed responses to `request_id` on the tenant's chat responses topic."""
-    out = []
-    for record in await read_topic(s, s.topics.tenant(TENANT).responses("chat")):
-        r = ChatResponse.model_validate_json(record.value)
-        if r.request_id == request_id:
-            out.append(r)
-    return out
+    """The committed responses to `request_id`."""
+    return [r for r in await _all(s) if r.request_id == request_id]
 
 
 async def _answered(s: Settings, request_id: str, timeout: float = 240) -> list[ChatResponse]:
@@ -137,6 +140,33 @@ async def test_a_stream_closed_early_stops_its_generation(stack: Stack) -> None:
     assert follow.json()["choices"][0]["message"]["content"]
     # Still exactly one response to the cancelled request.
     assert len(await _responses(stack.settings, request_id)) == 1
+
+
+async def test_a_dropped_connection_cancels_a_waiting_request(stack: Stack) -> None:
+    """Not streaming: the client gives up while the gateway waits for the answer."""
+    s = stack.settings
+    before = {r.request_id for r in await _all(s)}
+    body = {"model": "ragbus", "messages": [{"role": "user", "content": TALKY}], "max_tokens": MAX_TOKENS}
+    async with httpx.AsyncClient(timeout=240) as http:
+        asking = asyncio.create_task(
+            http.post(f"{stack.url}/v1/chat/completions", json=body, headers=_headers())
+        )
+        await asyncio.sleep(3)
+        assert not asking.done(), asking.result()
+        asking.cancel()  # the connection closes with the task
+        with contextlib.suppress(asyncio.CancelledError):
+            await asking
+
+    async def cancelled() -> list[ChatResponse]:
+        return [r for r in await _all(s) if r.request_id not in before]
+
+    (answer, *more) = await wait_for(
+        cancelled, timeout=240, interval=1.0, what="the dropped request's answer"
+    )
+    assert answer.error is not None and answer.error.code == ErrorCode.CANCELLED, answer
+    assert "client_disconnected" in answer.error.message
+    assert answer.usage.completion_tokens < MAX_TOKENS // 2, answer.usage
+    assert more == []
 
 
 async def test_a_request_cancelled_before_it_arrives_is_not_generated(stack: Stack) -> None:
