@@ -17,6 +17,7 @@ from infra.kafka.clients import make_consumer, make_producer
 from infra.kafka.codec import decode_record, encode
 from infra.settings import Settings
 from schemas import (
+    CancelRequest,
     ChatRequest,
     ChatResponse,
     DeadLetter,
@@ -46,6 +47,8 @@ def sample_event(model: type[EventBase], request_id: str, tenant: str = "smoke")
         return DocumentIngest(doc_id="smoke-doc", text="ragbus smoke document", **env)
     if model is IngestResult:
         return IngestResult(doc_id="smoke-doc", op="upsert", status="ok", chunks=1, **env)
+    if model is CancelRequest:
+        return CancelRequest(reason="smoke", **env)
     if model is DeadLetter:
         return DeadLetter(
             source_topic="smoke",

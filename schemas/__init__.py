@@ -16,6 +16,7 @@ from schemas.base import (
 )
 from schemas.events import (
     AnswerChoice,
+    CancelRequest,
     ChatMessage,
     ChatRequest,
     ChatResponse,
@@ -48,6 +49,7 @@ __all__ = [
     "SCHEMA_VERSION_HEADER",
     "TOPICS",
     "AnswerChoice",
+    "CancelRequest",
     "ChatMessage",
     "ChatRequest",
     "ChatResponse",

@@ -209,6 +209,23 @@ class ChatRequest(EventBase):
     metadata: Metadata = Field(default_factory=dict)
 
 
+class CancelRequest(EventBase):
+    """Stop answering request `request_id`, on the tenant's `ragbus.t.<tenant>.chat.cancel` (chat and
+    bulk lanes alike): its client went away, or its batch was cancelled. The worker stops the
+    generation between decode steps (or skips the request when it arrives later) and answers it with
+    a `cancelled` error, so the request is still answered, and audited, exactly once. Only the
+    tenant's own topic cancels its requests: the topic, not `tenant_id`, says whose request it is."""
+
+    event_type: ClassVar[str] = "chat.cancel"
+
+    reason: str = Field(
+        default="cancelled",
+        min_length=1,
+        max_length=limits.CANCEL_REASON_MAX,
+        description="Why, in a few words (e.g. client_disconnected, batch_cancelled); shown in the answer.",
+    )
+
+
 class EnrichedRequest(EventBase):
     """A request with its retrieved context, on `ragbus.<lane>.enriched`."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from schemas.base import EventBase
 from schemas.events import (
+    CancelRequest,
     ChatRequest,
     ChatResponse,
     DeadLetter,
@@ -34,6 +35,7 @@ EVENT_MODELS: dict[str, type[EventBase]] = {
         DocumentIngest,
         IngestResult,
         DeadLetter,
+        CancelRequest,
     )
 }
 

@@ -50,6 +50,16 @@ JSON_SCHEMA_DEPTH_MAX = 32
 JSON_SCHEMA_NAME_MAX = 64
 JSON_SCHEMA_NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
 
+#: Cancellation: why a request was cancelled (characters), the cancels one worker holds while it
+#: waits for their requests (beyond this the oldest are forgotten, so a flood of cancels costs
+#: bounded memory), and how long a cancel is held (seconds): the cancel topics keep records as long,
+#: and a starting worker reads back this far, so a restart forgets no cancel still owed.
+CANCEL_REASON_MAX = 256
+CANCELS_PENDING_MAX = 100_000
+CANCEL_TTL_S = 24 * 3600
+#: The largest cancel event a worker decodes (bytes; a valid one is a few hundred).
+CANCEL_EVENT_BYTES_MAX = 16 * 1024
+
 #: Documents (characters).
 SOURCE_MAX = 2048
 TITLE_MAX = 1024

@@ -3,10 +3,11 @@
 Two kinds of topic:
 
 - **tenant topics**, `<prefix>.t.<tenant>.<suffix>`: each tenant's own requests in
-  (`chat.requests`, `bulk.requests`, `docs.ingest`) and replies out (`chat.responses`,
-  `chat.tokens`, `bulk.responses`, `docs.ingested`). The broker's ACLs let a tenant's principal
-  write only its own request topics and read only its own reply topics (`schemas.tenants`), so the
-  tenant of a record is the topic it came from, never what its payload claims;
+  (`chat.requests`, `bulk.requests`, `docs.ingest`, and `chat.cancel` to cancel them) and replies
+  out (`chat.responses`, `chat.tokens`, `bulk.responses`, `docs.ingested`). The broker's ACLs let
+  a tenant's principal write only its own request topics and read only its own reply topics
+  (`schemas.tenants`), so the tenant of a record is the topic it came from, never what its
+  payload claims;
 - **internal topics**, `<prefix>.<suffix>`: the retrieved context (`*.enriched`) and the dead
   letters (one DLQ per input suffix, shared by every tenant), read and written only by ragbus's
   own components.
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from schemas import limits
 from schemas.base import EventBase, Lane
 from schemas.events import (
+    CancelRequest,
     ChatRequest,
     ChatResponse,
     DeadLetter,
@@ -125,6 +127,18 @@ _INPUTS = (
         per_tenant=True,
     ),
     TopicSpec("docs.ingested", IngestResult, per_tenant=True),
+    # Cancels of the tenant's requests (both lanes): tiny records, kept as long as a worker holds
+    # a cancel; one partition, since every worker reads every tenant's cancels.
+    TopicSpec(
+        "chat.cancel",
+        CancelRequest,
+        partitions=1,
+        retention_ms=limits.CANCEL_TTL_S * 1000,
+        max_message_bytes=4 * limits.CANCEL_EVENT_BYTES_MAX,
+        max_event_bytes=limits.CANCEL_EVENT_BYTES_MAX,
+        has_dlq=True,
+        per_tenant=True,
+    ),
 )
 
 #: Every declared topic, DLQs included, in declaration order.
@@ -136,7 +150,7 @@ SHARED_TOPICS: tuple[TopicSpec, ...] = tuple(t for t in TOPICS if not t.per_tena
 #: The topics each tenant has its own copy of.
 TENANT_TOPICS: tuple[TopicSpec, ...] = tuple(t for t in TOPICS if t.per_tenant)
 #: Of those, what a tenant writes (its requests) and what it reads (its replies).
-TENANT_WRITES: tuple[str, ...] = ("chat.requests", "bulk.requests", "docs.ingest")
+TENANT_WRITES: tuple[str, ...] = ("chat.requests", "bulk.requests", "docs.ingest", "chat.cancel")
 TENANT_READS: tuple[str, ...] = ("chat.responses", "chat.tokens", "bulk.responses", "docs.ingested")
 
 _BY_SUFFIX = {t.suffix: t for t in TOPICS}
@@ -232,6 +246,11 @@ class TenantTopics:
     @property
     def tokens(self) -> str:
         return self._n("chat.tokens")
+
+    @property
+    def cancel(self) -> str:
+        """Where the tenant's cancels go (of requests on either lane)."""
+        return self._n("chat.cancel")
 
     @property
     def docs_ingest(self) -> str:

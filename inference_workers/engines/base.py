@@ -16,10 +16,15 @@ from inference_workers.prompt import EncodedPrompt, encode_chat
 from schemas import SamplingParams, TokenLogprob
 
 Message = dict[str, str]
-FinishReason = Literal["stop", "length", "error"]
+#: "cancelled": the request was cancelled while it generated (`Generation.cancelled`); the text and
+#: tokens are what was generated until then.
+FinishReason = Literal["stop", "length", "error", "cancelled"]
 
 #: Called from the engine (possibly on its own thread) with each new piece of text.
 TokenCallback = Callable[[str], None]
+#: Asked by the engine (possibly on its own thread) between decode steps: True once the request is
+#: cancelled, and the engine then stops its sequences (finish reason "cancelled"). Must be cheap.
+CancelCheck = Callable[[], bool]
 
 
 @dataclass
@@ -36,6 +41,7 @@ class Generation:
     request_id: str = ""
     on_token: TokenCallback | None = None
     prompt_ids: list[int] | None = None
+    cancelled: CancelCheck | None = None
 
     def __post_init__(self) -> None:
         if self.prompt_ids is None:

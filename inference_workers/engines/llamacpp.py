@@ -14,7 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from inference_workers.engines.base import Completion, Engine, EngineError, Generation, Message
+from inference_workers.engines.base import (
+    Completion,
+    Engine,
+    EngineError,
+    FinishReason,
+    Generation,
+    Message,
+)
 from inference_workers.engines.grammar import GrammarError, grammar_for
 from schemas import TokenLogprob, TopLogprob, limits
 
@@ -53,6 +60,11 @@ def resolve_gguf(model: str) -> Path:
 def default_threads() -> int:
     """One core less than the machine has: the event loop, Kafka clients and broker need one."""
     return max(1, (os.cpu_count() or 2) - 1)
+
+
+def _finish(reason: str) -> FinishReason:
+    """The Completion's finish reason of a sequence's."""
+    return "stop" if reason == "stop" else "cancelled" if reason == "cancelled" else "length"
 
 
 class LlamaCppEngine(Engine):
@@ -185,6 +197,10 @@ class LlamaCppEngine(Engine):
                     prompt_tokens=len(tokens), finish_reason="error", error="the prompt fills the context"
                 )
                 continue
+            if g.cancelled is not None and g.cancelled():
+                # Cancelled while it waited for this batch: not even prefilled.
+                results[i] = Completion(prompt_tokens=len(tokens), finish_reason="cancelled")
+                continue
             s = g.sampling
             try:
                 grammar = grammar_for(s.response_format)
@@ -205,6 +221,7 @@ class LlamaCppEngine(Engine):
                     on_text=g.on_token if k == 0 else None,
                     grammar=grammar,
                     top_logprobs=s.top_logprobs if s.logprobs else None,
+                    cancelled=g.cancelled,
                 )
                 jobs.append((i, k, job))
         samples: dict[int, list[Completion | None]] = {}
@@ -215,7 +232,7 @@ class LlamaCppEngine(Engine):
                     text=job.text,
                     prompt_tokens=len(job.prompt_tokens) if k == 0 else 0,
                     completion_tokens=job.completion_tokens,
-                    finish_reason="stop" if job.finish_reason == "stop" else "length",
+                    finish_reason=_finish(job.finish_reason),
                     logprobs=self._logprobs(job) if job.top_logprobs is not None else None,
                 )
                 samples.setdefault(i, [None] * batch[i].sampling.n)[k] = done

@@ -58,6 +58,8 @@ class SeqJob:
     grammar: str | None = None
     #: Alternatives per token to report with each token's logprob; None: no logprobs.
     top_logprobs: int | None = None
+    #: Asked before each decode step; True stops the sequence (finish reason "cancelled").
+    cancelled: Callable[[], bool] | None = None
     # results
     text: str = ""
     completion_tokens: int = 0
@@ -199,6 +201,8 @@ class BatchDecoder:
             step: list[tuple[int, int, int, bool]] = []
             for s in live:
                 job = jobs[s]
+                if self._cancelled(job):
+                    continue
                 token = int(C.llama_sampler_sample(samplers[s], self.ctx, out_index[s]))
                 if job.top_logprobs is not None and not C.llama_vocab_is_eog(self.vocab, token):
                     self._record_logprob(job, token, out_index[s])
@@ -211,6 +215,21 @@ class BatchDecoder:
             self._fill(step)
             self._decode()
             out_index = {s: i for i, (_, _, s, _) in enumerate(step)}
+
+    def _cancelled(self, job: SeqJob) -> bool:
+        """Whether `job` was cancelled (then it is finished, with what it generated so far); a check
+        that raises counts as not cancelled: cancelling is best-effort, generating is the job."""
+        if job.cancelled is None:
+            return False
+        try:
+            stop = bool(job.cancelled())
+        except Exception:  # cancelling is best-effort
+            log.exception("cancel check failed; generating on")
+            return False
+        if stop:
+            self._emit(job, b"", final=True)
+            job.finish_reason = "cancelled"
+        return stop
 
     def _accept(self, job: SeqJob, token: int) -> bool:
         """Record `token` for `job`; False when the sequence is finished."""

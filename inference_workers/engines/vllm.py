@@ -17,17 +17,40 @@ special tokens (`split_special_tokens`), kept apart so that no call flips the sh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
+import inspect
 import logging
 import os
 import uuid
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from inference_workers.engines.base import Completion, Engine, EngineError, Generation, Message
+from inference_workers.engines.base import (
+    CancelCheck,
+    Completion,
+    Engine,
+    EngineError,
+    FinishReason,
+    Generation,
+    Message,
+)
 from schemas import ResponseFormat, SamplingParams, TokenLogprob, TopLogprob, limits
 
 log = logging.getLogger(__name__)
+
+
+#: How often (seconds) a generating request's cancel check is asked.
+CANCEL_POLL_S = 0.05
+
+
+def _finish(reason: str | None, cancelled: bool) -> FinishReason:
+    """The Completion's finish reason of a vLLM sample's ("abort": vLLM aborted it, which only a
+    cancel does here)."""
+    if cancelled or reason == "abort":
+        return "cancelled"
+    return "length" if reason == "length" else "stop"
 
 
 def vllm_available() -> bool:
@@ -207,7 +230,9 @@ class VllmEngine(Engine):
         finish: list[str | None] = [None] * s.n
         logprobs: list[list[TokenLogprob]] = [[] for _ in range(s.n)]
         prompt_tokens = 0
-        try:
+
+        async def consume() -> None:
+            nonlocal prompt_tokens
             async for out in self._engine.generate(self.prompt_input(g), params, request_id):
                 if out.prompt_token_ids is not None:
                     prompt_tokens = len(out.prompt_token_ids)
@@ -225,6 +250,13 @@ class VllmEngine(Engine):
                             self._logprob(t, step, s.top_logprobs)
                             for t, step in zip(c.token_ids, c.logprobs, strict=False)
                         )
+
+        cancelled = False
+        try:
+            if g.cancelled is None:
+                await consume()
+            else:
+                cancelled = await self.until_cancelled(consume(), g.cancelled, request_id)
         except Exception as e:
             log.exception("%s: request %s failed", self.name, g.request_id)
             return Completion(finish_reason="error", error=f"{type(e).__name__}: {e}")
@@ -233,13 +265,49 @@ class VllmEngine(Engine):
                 text="".join(texts[k]),
                 prompt_tokens=prompt_tokens if k == 0 else 0,
                 completion_tokens=tokens[k],
-                finish_reason="length" if finish[k] == "length" else "stop",
+                finish_reason=_finish(finish[k], cancelled),
                 logprobs=logprobs[k] if s.logprobs else None,
             )
             for k in range(s.n)
         ]
         samples[0].more = samples[1:]
         return samples[0]
+
+    async def until_cancelled(
+        self, consuming: Coroutine[Any, Any, None], cancelled: CancelCheck, request_id: str
+    ) -> bool:
+        """Run `consuming` (the request's output stream) to its end, or until `cancelled()` turns
+        True: then vLLM is told to abort the request (its scheduler frees the sequence's slots
+        between steps) and the stream is left with what it delivered. True when it was cancelled.
+
+        The check is polled, not awaited: it reads the worker's cancel table, which is filled by
+        another task, and a DELTA or FINAL_ONLY stream may be silent for a long time."""
+        task = asyncio.ensure_future(consuming)
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=CANCEL_POLL_S)
+                if task.done():
+                    break
+                try:
+                    stop = bool(cancelled())
+                except Exception:  # cancelling is best-effort; generating goes on
+                    log.exception("%s: cancel check failed for %s", self.name, request_id)
+                    stop = False
+                if stop:
+                    aborted = self._engine.abort(request_id)
+                    if inspect.isawaitable(aborted):  # AsyncLLM's is a coroutine, older engines' not
+                        await aborted
+                    # AsyncLLM.generate aborts the request itself when its consumer is cancelled,
+                    # so an engine that ignored the abort above stops here too.
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    return True
+            task.result()
+            return False
+        finally:
+            if not task.done():  # this coroutine itself was cancelled: the stream goes with it
+                task.cancel()
 
     @staticmethod
     def _logprob(token: int, step: dict[int, Any], top: int) -> TokenLogprob:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from inference_workers.cache import CachedAnswer, ResponseCache, cache_key, cacheable
+from inference_workers.cancels import CancelRegistry
 from inference_workers.engines.base import Completion, Engine, Generation
 from inference_workers.prompt import BuiltPrompt, ContextOverflow, build_prompt, citations_for
 from inference_workers.router import Router
@@ -35,6 +36,8 @@ class AnswerStats:
     errors: int = 0
     dead_letters: int = 0
     cache_hits: int = 0
+    #: Answered `cancelled`: skipped on arrival, or stopped while generating.
+    cancelled: int = 0
 
 
 @dataclass
@@ -60,8 +63,11 @@ class Answerer:
         cache: ResponseCache,
         stage_id: str,
         emit_token: Callable[[TokenChunk], None],
+        cancels: CancelRegistry | None = None,
     ) -> None:
         self.topics = topics
+        #: The cancels read from the tenants' cancel topics (None: nothing is ever cancelled).
+        self.cancels = cancels
         self.router = router
         self.cache = cache
         #: Written into dead letters as the stage that gave up.
@@ -127,6 +133,12 @@ class Answerer:
             return self._dead_letter(item, item.error or ValueError("undecodable"), respond_too=True)
         ev = item.event
         queue_ms = _queue_ms(item, started)
+        reason = self.cancels.reason(ev.tenant_id, ev.request_id) if self.cancels is not None else None
+        if reason is not None:
+            # Cancelled before it got here: answered without routing, prompting or generating.
+            self.stats.cancelled += 1
+            self.cancels.honoured()  # type: ignore[union-attr]
+            return [respond.cancelled(ev, topics=topics, reason=reason, queue_ms=queue_ms)]
         if ev.expired() or ev.request.expired():
             self.stats.errors += 1
             return [
@@ -203,7 +215,10 @@ class Answerer:
         if built.room < sampling.max_tokens:
             sampling = sampling.model_copy(update={"max_tokens": built.room})
         on_token = self._streamer(ev) if ev.request.stream else None
-        generation = Generation(built.text, sampling, ev.request_id, on_token, prompt_ids=built.token_ids)
+        check = self.cancels.check(ev.tenant_id, ev.request_id) if self.cancels is not None else None
+        generation = Generation(
+            built.text, sampling, ev.request_id, on_token, prompt_ids=built.token_ids, cancelled=check
+        )
         return _Job(item, name, engine, built, key, generation)
 
     async def _generate(self, engine: Engine, jobs: list[_Job], started: float) -> list[list[Output]]:
@@ -265,6 +280,25 @@ class Answerer:
                 )
             )
             return out
+        if done.finish_reason == "cancelled":
+            self.stats.cancelled += 1
+            if self.cancels is not None:
+                self.cancels.honoured()
+            reason = self.cancels.reason(ev.tenant_id, ev.request_id) if self.cancels is not None else None
+            out.append(
+                respond.cancelled(
+                    ev,
+                    topics=self.topics,
+                    reason=reason or "cancelled",
+                    model=job.model,
+                    text=done.text.strip(),
+                    prompt_tokens=done.prompt_tokens,
+                    completion_tokens=sum(d.completion_tokens for d in done.samples),
+                    queue_ms=queue_ms,
+                    generate_ms=gen_ms,
+                )
+            )
+            return out  # never cached: it is not the answer
         self.stats.answered += 1
         text = done.text.strip()
         sampling = job.generation.sampling

@@ -16,6 +16,7 @@ from schemas import (
     StageTimings,
     Topics,
     Usage,
+    limits,
 )
 
 
@@ -97,6 +98,45 @@ def error(
         model=model,
         finish_reason="error",
         error=ErrorInfo(code=code, message=message[:2000]),
+        timings=timings_for(enriched, queue_ms=queue_ms, generate_ms=generate_ms),
+        conversation_id=req.conversation_id,
+        job_id=req.job_id,
+        custom_id=req.custom_id,
+    )
+    return reply_topic(topics, enriched), encode(response)
+
+
+def cancelled(
+    enriched: EnrichedRequest,
+    *,
+    topics: Topics,
+    reason: str,
+    model: str | None = None,
+    text: str = "",
+    prompt_tokens: int = 0,
+    completion_tokens: int = 0,
+    queue_ms: float | None = None,
+    generate_ms: float | None = None,
+) -> Output:
+    """The answer of a cancelled request: an error with code `cancelled` (so a reader of the
+    contract before cancellation existed sees an error, not an answer), carrying what was generated
+    until the cancel and its tokens, which were spent (usage, audit)."""
+    req = enriched.request
+    done = f"after {completion_tokens} generated tokens" if model is not None else "before it was generated"
+    response = ChatResponse(
+        **enriched.envelope(),  # type: ignore[arg-type]
+        answer=text,
+        model=model,
+        usage=Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        ),
+        finish_reason="error",
+        error=ErrorInfo(
+            code=ErrorCode.CANCELLED,
+            message=limits.cut(f"the request was cancelled ({reason}) {done}", limits.ERROR_MESSAGE_MAX),
+        ),
         timings=timings_for(enriched, queue_ms=queue_ms, generate_ms=generate_ms),
         conversation_id=req.conversation_id,
         job_id=req.job_id,

@@ -26,13 +26,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from inference_workers.cache import ResponseCache
+from inference_workers.cancels import CancelRegistry
 from inference_workers.config import ConfigError, models_file
 from inference_workers.router import Router
 from inference_workers.worker.answer import Answerer
+from inference_workers.worker.cancel_reader import CancelReader
 from inference_workers.worker.intake import Intake, Pending, Rebalance
 from infra.kafka.clients import make_consumer, make_producer, transactional_id
 from infra.kafka.codec import Encoded, Output, encode
@@ -73,12 +75,15 @@ class InferenceWorker:
             namespace=settings.topic_prefix,
         )
         self.stats = WorkerStats()
+        #: Requests cancelled by their clients (every tenant's cancel topic, see `cancel_reader`).
+        self.cancels = CancelRegistry()
         self.answerer = Answerer(
             topics=self.topics,
             router=self.router,
             cache=self.cache,
             stage_id=self.group_id,
             emit_token=self._emit_token,
+            cancels=self.cancels,
         )
         self.batch_lock = asyncio.Lock()
         self.reload_requested = asyncio.Event()
@@ -92,6 +97,14 @@ class InferenceWorker:
         self._tokens: AIOKafkaProducer | None = None
         #: Which tenants' reply topics exist (answers name their tenant's topics).
         self.directory = TopicDirectory(settings)
+        self.cancel_reader = CancelReader(
+            settings,
+            self.cancels,
+            self.directory,
+            stage=self.group_id,
+            dead_letter=self._send_dead_letters,
+            on_duty=self._on_dlq_duty,
+        )
         self._token_queue: asyncio.Queue[TokenChunk | None] = asyncio.Queue()
         self.intake: Intake | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -110,6 +123,7 @@ class InferenceWorker:
         await self.publisher.start()  # fences a crashed predecessor before anything is read
         await self.directory.start()
         await self._tokens.start()
+        await self.cancel_reader.start()
         await self._consumer.start()
         self.intake = Intake(
             self._consumer,
@@ -135,6 +149,7 @@ class InferenceWorker:
             if client is not None:
                 with contextlib.suppress(Exception):
                     await client.stop()
+        await self.cancel_reader.stop()
         await self.cache.close()
         await self.directory.close()
         if self._own_router:
@@ -151,6 +166,7 @@ class InferenceWorker:
         helpers = [
             asyncio.create_task(self._token_loop(), name="worker-tokens"),
             asyncio.create_task(self._watch_models(stop), name="worker-models"),
+            asyncio.create_task(self.cancel_reader.run(polling), name="worker-cancels"),
         ]
         stopped = asyncio.create_task(stop.wait())
         try:
@@ -236,6 +252,8 @@ class InferenceWorker:
     async def process(self, items: list[Pending]) -> None:
         """Answer `items` and commit the answers with their offsets in one transaction. Raises
         PublishError when the answers cannot be committed (the worker then stops)."""
+        # Cancels published before this batch started are read first: their requests are skipped.
+        await self.cancel_reader.caught_up({p.event.tenant_id for p in items if p.event is not None})
         started = time.time()
         spans = self._open_spans(items) if tracing_enabled() else {}
         outputs = await self._routable(items, await self.answerer.answer(items, started))
@@ -277,6 +295,20 @@ class InferenceWorker:
                     kept.append(encode_dead_letter(p.record, error, stage=self.group_id))
             routed.append(kept)
         return routed
+
+    async def _send_dead_letters(self, outputs: list[Output]) -> None:
+        """Dead letters of malformed cancels: outside the transaction (a cancel record is read by
+        every worker, committed by none), through the idempotent token producer."""
+        assert self._tokens is not None
+        for topic, enc in outputs:
+            await self._tokens.send_and_wait(topic, enc.value, key=enc.key, headers=enc.headers)
+
+    def _on_dlq_duty(self) -> bool:
+        """Whether this worker reports malformed cancels: the one that owns chat.enriched[0]."""
+        consumer = self._consumer
+        if consumer is None:
+            return False
+        return TopicPartition(self.topics.enriched("chat"), 0) in consumer.assignment()
 
     def _emit_token(self, chunk: TokenChunk) -> None:
         """Queue a streamed chunk for the token task (engines call this from their threads)."""

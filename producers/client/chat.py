@@ -19,6 +19,7 @@ from infra.kafka.clients import make_producer
 from infra.kafka.codec import encode
 from infra.settings import Settings
 from infra.telemetry import tracer
+from producers.cancel import cancel_events, publish_cancels
 from producers.client.conversations import Conversations
 from producers.client.errors import ChatError, ChatTimeout
 from producers.replies import ReplyReader
@@ -115,6 +116,12 @@ class ChatClient:
             await self._producer.send_and_wait(
                 self.topics.requests(request.lane), enc.value, key=enc.key, headers=enc.headers
             )
+
+    async def cancel(self, request_ids: Sequence[str], *, reason: str, user_id: str = "anonymous") -> int:
+        """Cancel requests of this client's tenant (see `producers.cancel`); the number sent."""
+        assert self._producer is not None, "use `async with ChatClient(...)`"
+        events = cancel_events(self.tenant, request_ids, reason=reason, user_id=user_id)
+        return await publish_cancels(self._producer, self.settings, events)
 
     async def ask_request(self, request: ChatRequest, *, timeout: float | None = 60.0) -> ChatResponse:
         """Send a prepared request and wait for its final response; raises ChatTimeout / ChatError."""

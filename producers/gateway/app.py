@@ -8,7 +8,7 @@ types it answers with (`responses=`), so a client generated from /openapi.json k
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -110,6 +110,7 @@ def create_app(
         try:
             yield
         finally:
+            await state["serving"].close()  # the cancels still going out use the tenants' clients
             await clients.stop()
             if quotas is not None:
                 await quotas.close()
@@ -215,7 +216,7 @@ def create_app(
                     "invalid_request_error",
                     "request_too_large",
                 )
-            return await serving.create(body, chat_request, who)
+            return await serving.create(body, chat_request, who, disconnected=_disconnect_of(request))
 
     @app.post(
         "/v1/embeddings",
@@ -296,3 +297,15 @@ def create_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _disconnect_of(request: Request) -> Callable[[], Awaitable[None]]:
+    """A wait that returns once the client of `request` has gone away. Its body is read already, so
+    the next ASGI message is the disconnect (uvicorn sends it when the connection drops, or once the
+    response is complete, by which time nobody waits for it)."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return disconnected

@@ -17,5 +17,8 @@ LATENCY = Histogram(
     registry=registry,
 )
 TOKENS = Counter("ragbus_gateway_tokens", "Tokens in answered requests", ["kind"], registry=registry)
+CANCELS = Counter(
+    "ragbus_gateway_cancels", "Cancels sent for unawaited requests", ["reason"], registry=registry
+)
 INFLIGHT = Gauge("ragbus_gateway_inflight", "Requests awaiting an answer", registry=registry)
 EMBEDDINGS = Counter("ragbus_gateway_embeddings", "Texts embedded by /v1/embeddings", registry=registry)

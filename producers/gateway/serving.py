@@ -3,18 +3,26 @@
 Each request goes through the bus client of its API key's tenant (producers/gateway/tenants.py),
 so its answer is read from that tenant's reply topics and no other. With quotas on, a request is
 admitted against its tenant's and key's limits before it goes on the bus and settled to its real
-usage when its answer comes back (producers/gateway/quotas.py)."""
+usage when its answer comes back (producers/gateway/quotas.py).
+
+A client that goes away before its answer (a closed stream, or a dropped connection while a
+non-streaming request waits) cancels its request: a cancel event on the tenant's cancel topic, which
+the worker honours between decode steps (producers/cancel.py). The request is still answered on the
+bus (`cancelled`), so its quota is settled to what it really used."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from producers.cancel import CLIENT_DISCONNECTED, GATEWAY_GAVE_UP
 from producers.client import ChatClient, ChatError, ChatTimeout
 from producers.gateway import metrics
 from producers.gateway.auth import Principal
@@ -44,6 +52,23 @@ from schemas import ChatRequest, ChatResponse
 log = logging.getLogger(__name__)
 
 
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its generator when the response ends, however it ends.
+
+    When the client goes away Starlette stops iterating (a failed send, or a cancelled task) but
+    leaves the generator suspended, to be closed whenever it is collected; closing it here runs its
+    cleanup at once, and the stream's cleanup is what cancels the request."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
+
+
 class OpenAIServing:
     def __init__(
         self,
@@ -57,6 +82,8 @@ class OpenAIServing:
         self.timeout = timeout
         self.models = models
         self.quotas = quotas
+        #: Cancels being published for clients that went away (held so they are not collected).
+        self._cancelling: set[asyncio.Task[None]] = set()
 
     def list_models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=name) for name in ["ragbus", *self.models()]])
@@ -111,7 +138,64 @@ class OpenAIServing:
             outcome = outcome_of(response) if response is not None else "error"
             await self.quotas.settle(reservation, outcome, response)
 
-    async def create(self, body: ChatCompletionRequest, request: ChatRequest, who: Principal) -> Any:
+    def cancel_soon(
+        self,
+        client: ChatClient,
+        request: ChatRequest,
+        unsettled: Reservation | None = None,
+        reason: str = CLIENT_DISCONNECTED,
+    ) -> None:
+        """Publish the cancel of `request` in the background (the caller may itself be cancelled: a
+        stream whose client went away), then settle `unsettled` as a request without an answer."""
+
+        async def send() -> None:
+            try:
+                await client.cancel([request.request_id], reason=reason, user_id=request.user_id)
+                metrics.CANCELS.labels(reason).inc()
+                log.info("request %s: cancel sent (%s)", request.request_id, reason)
+            except Exception as e:  # noqa: BLE001 - the answer still comes, it just is not stopped early
+                log.warning("request %s: cancel not sent: %s: %s", request.request_id, type(e).__name__, e)
+            await self._settle(unsettled, None)
+
+        task = asyncio.create_task(send(), name=f"cancel-{request.request_id}")
+        self._cancelling.add(task)
+        task.add_done_callback(self._cancelling.discard)
+
+    async def close(self) -> None:
+        """Wait (briefly) for the cancels still being sent."""
+        if self._cancelling:
+            await asyncio.wait(set(self._cancelling), timeout=5)
+
+    async def _ask(
+        self, client: ChatClient, request: ChatRequest, disconnected: Callable[[], Awaitable[None]] | None
+    ) -> ChatResponse:
+        """`client.ask_request`, cancelling the request when `disconnected()` returns first (the
+        client went away); the answer (then a `cancelled` error) is still awaited, for the quota."""
+        asking = asyncio.ensure_future(client.ask_request(request, timeout=self.timeout))
+        if disconnected is None:
+            return await asking
+        gone = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({asking, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not asking.done() and gone.done() and not gone.cancelled() and gone.exception() is None:
+                self.cancel_soon(client, request)
+            return await asking
+        finally:
+            for task in (asking, gone):
+                if not task.done():
+                    task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await gone
+
+    async def create(
+        self,
+        body: ChatCompletionRequest,
+        request: ChatRequest,
+        who: Principal,
+        disconnected: Callable[[], Awaitable[None]] | None = None,
+    ) -> Any:
+        """Answer `request`; `disconnected` (for a non-streaming request) returns once the client
+        has gone away, which cancels the request."""
         started = time.monotonic()
         kind = "true" if body.stream else "false"
         client = await self._client(request)
@@ -121,14 +205,14 @@ class OpenAIServing:
         if isinstance(reservation, JSONResponse):
             return reservation
         if body.stream:
-            return StreamingResponse(
+            return ClosingStreamingResponse(
                 self._sse(client, body, request, started, reservation),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Request-Id": request.request_id},
             )
         metrics.INFLIGHT.inc()
         try:
-            response = await client.ask_request(request, timeout=self.timeout)
+            response = await self._ask(client, request, disconnected)
         except ChatTimeout as e:
             metrics.REQUESTS.labels("timeout", kind).inc()
             await self._settle(reservation, None)
@@ -197,12 +281,14 @@ class OpenAIServing:
 
         metrics.INFLIGHT.inc()
         stream = client.stream_request(request, timeout=self.timeout)
+        answered = settled = False
         try:
             yield chunk(Delta(role="assistant", content=""))
             async for text in stream:
                 yield chunk(Delta(content=text))
             final = stream.response
             assert final is not None
+            answered = settled = True
             await self._settle(reservation, final)
             model = final.model or model
             yield chunk(Delta(), finish=final.finish_reason or "stop")
@@ -213,17 +299,27 @@ class OpenAIServing:
             self._count_tokens(final)
         except ChatTimeout as e:
             metrics.REQUESTS.labels("timeout", "true").inc()
+            settled = True
             await self._settle(reservation, None)
             yield f"data: {json.dumps(error_body(str(e), 'timeout', 'timeout'))}\n\n"
         except ChatError as e:
+            answered = settled = True
             metrics.REQUESTS.labels(e.code.value, "true").inc()
             await self._settle(reservation, e.response)
             yield f"data: {json.dumps(pipeline_error(e.response)[1])}\n\n"
         except Exception as e:  # noqa: BLE001 - the headers are sent: the error can only go in the stream
             metrics.REQUESTS.labels("internal_error", "true").inc()
+            settled = True
             await self._settle(reservation, None)
             log.error("request %s: stream failed: %s: %s", request.request_id, type(e).__name__, e)
             yield f"data: {json.dumps(internal_error_body(request.request_id))}\n\n"
         finally:
             metrics.INFLIGHT.dec()
+            if not answered:
+                # The client went away (this generator was cancelled or closed mid-stream), or the
+                # stream failed or timed out: nobody reads the rest, so the worker stops it.
+                if settled:
+                    self.cancel_soon(client, request, reason=GATEWAY_GAVE_UP)
+                else:
+                    self.cancel_soon(client, request, reservation)
         yield "data: [DONE]\n\n"

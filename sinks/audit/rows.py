@@ -75,6 +75,7 @@ ACTION_BY_EVENT_TYPE = {
     "chat.enriched": "RETRIEVAL",
     "chat.response": "RESPONSE",
     "chat.token": "TOKEN",
+    "chat.cancel": "QUERY",
     "docs.ingest": "INGEST",
     "docs.ingested": "INGEST",
     "dead_letter": "ERROR",

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from schemas.tenants import tenant_acls
+from schemas.topics import TENANT_TOPICS
 from tests.conftest import CACHE
 from tests.helpers import stack_env
 
@@ -120,7 +121,8 @@ def test_tenants_lifecycle(secure_stack: tuple[Path, dict[str, str]]) -> None:
 
     listed = {t["tenant"]: t for t in json.loads(_ragbus("tenants", "list", "--json", env=env).stdout)}
     assert set(listed) >= {"default", "acme"}
-    assert listed["acme"]["acls"] == len(tenant_acls("acme")) and listed["acme"]["topics"] == 7
+    assert listed["acme"]["acls"] == len(tenant_acls("acme"))
+    assert listed["acme"]["topics"] == len(TENANT_TOPICS)
     assert "password" not in json.dumps(listed).replace("password_stored", "")
     assert password not in _ragbus("tenants", "list", env=env).stdout
 

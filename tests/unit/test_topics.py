@@ -19,7 +19,14 @@ def test_declared_topics() -> None:
     shared = topic_names()
     assert set(shared) == {"ragbus.chat.enriched", "ragbus.bulk.enriched"} | {
         f"ragbus.{s}.dlq"
-        for s in ("chat.requests", "chat.enriched", "bulk.requests", "bulk.enriched", "docs.ingest")
+        for s in (
+            "chat.requests",
+            "chat.enriched",
+            "bulk.requests",
+            "bulk.enriched",
+            "docs.ingest",
+            "chat.cancel",
+        )
     }
     own = tenant_topic_names("acme")
     for lane in ("chat", "bulk"):
@@ -28,7 +35,8 @@ def test_declared_topics() -> None:
     assert {"ragbus.t.acme.chat.tokens", "ragbus.t.acme.docs.ingest", "ragbus.t.acme.docs.ingested"} <= set(
         own
     )
-    assert len(own) == len(set(own)) == 7
+    assert "ragbus.t.acme.chat.cancel" in own
+    assert len(own) == len(set(own)) == 8
     # a tenant writes only its requests and reads only its replies; the two sets cover its topics
     assert sorted(TENANT_WRITES + TENANT_READS) == sorted(t.suffix for t in TENANT_TOPICS)
 
@@ -66,6 +74,7 @@ def test_tenant_acls_allow_only_own_requests_and_replies() -> None:
         "ragbus.t.acme.chat.requests",
         "ragbus.t.acme.bulk.requests",
         "ragbus.t.acme.docs.ingest",
+        "ragbus.t.acme.chat.cancel",
     }
     assert reads == {
         "ragbus.t.acme.chat.responses",
