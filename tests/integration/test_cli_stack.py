@@ -12,11 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from schemas.topics import tenant_topic_names, topic_names
+from schemas.topics import Topics, tenant_topic_names, topic_names
 from tests.conftest import CACHE
 from tests.helpers import stack_env
 
 RAGBUS = [sys.executable, "-m", "cli.main"]
+
+#: What `ragbus up` declares: the shared topics and those of the tenant `default`.
+UP_TOPICS = len(Topics("ragbus").all()) + len(Topics("ragbus").tenant("default").all())
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:
@@ -46,7 +49,7 @@ def test_up_status_kcat_down(stack_home: tuple[Path, dict[str, str]]) -> None:
     _home, env = stack_home
     up = _ragbus("up", env=env)
     assert up.returncode == 0, up.stderr + up.stdout
-    assert "kafka" in up.stdout and "healthy" in up.stdout and "topics: 14 created" in up.stdout
+    assert "kafka" in up.stdout and "healthy" in up.stdout and f"topics: {UP_TOPICS} created" in up.stdout
 
     status = _ragbus("status", "--json", env=env)
     assert status.returncode == 0, status.stderr

@@ -23,10 +23,10 @@ import yaml
 from inference_workers.config import ModelSpec
 from inference_workers.worker.service import COMPONENT as WORKER_COMPONENT
 from infra.settings import Settings
-from processors.service import processors_group_id
+from processors.service import AGENT_SUFFIXES, processors_group_id
 from schemas.base import LANES
 from schemas.tenants import COMPONENTS_USER, SCRAM_MECHANISM, Acl, tenant_acls, tenant_principal
-from schemas.topics import SHARED_TOPICS, TENANT_TOPICS, TENANT_WRITES, Topics
+from schemas.topics import SHARED_TOPICS, TENANT_TOPICS, Topics
 
 ROOT = Path(__file__).resolve().parents[2]
 HELM_DIR = ROOT / "deploy" / "helm"
@@ -162,7 +162,7 @@ def test_keda_scales_on_the_groups_and_topics_the_code_consumes(rendered: Path) 
         (processors_group_id(settings), s.name(PREFIX, t))
         for t in TENANTS
         for s in TENANT_TOPICS
-        if s.suffix in TENANT_WRITES
+        if s.suffix in AGENT_SUFFIXES.values()
     }
     for so in (worker, processors):
         target = so["spec"]["scaleTargetRef"]
