@@ -286,12 +286,18 @@ def create_app(
         response_class=PlainTextResponse,
         responses={
             200: {"description": "Prometheus text exposition", "content": {"text/plain": {}}},
-            **_json_errors(*_ALWAYS, 401),
+            **_json_errors(*_ALWAYS, 401, 404),
         },
     )
     async def prometheus(request: Request) -> Response:
-        """Prometheus metrics; with RAGBUS_GATEWAY_METRICS_PUBLIC=false only for a valid API key."""
-        if not settings.gateway_metrics_public and principal(request) is None:
+        """Prometheus metrics. RAGBUS_GATEWAY_METRICS says who may read them: `key` (the default)
+        any valid API key, `open` anyone, `off` no one (404) — request counts and latencies tell an
+        outsider how the service is used, so they are not public unless asked for."""
+        if settings.gateway_metrics == "off":
+            return openai_error(
+                404, "/metrics is turned off (RAGBUS_GATEWAY_METRICS=off)", "invalid_request_error", "not_found"
+            )
+        if settings.gateway_metrics == "key" and principal(request) is None:
             return unauthorized()
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
