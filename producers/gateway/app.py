@@ -295,7 +295,10 @@ def create_app(
         outsider how the service is used, so they are not public unless asked for."""
         if settings.gateway_metrics == "off":
             return openai_error(
-                404, "/metrics is turned off (RAGBUS_GATEWAY_METRICS=off)", "invalid_request_error", "not_found"
+                404,
+                "/metrics is turned off (RAGBUS_GATEWAY_METRICS=off)",
+                "invalid_request_error",
+                "not_found",
             )
         if settings.gateway_metrics == "key" and principal(request) is None:
             return unauthorized()
