@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from infra.settings import Settings
 from infra.telemetry import setup_telemetry, tracer
@@ -41,6 +42,7 @@ from producers.openai.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
     EmbeddingList,
+    EmbeddingRequest,
     ErrorBody,
     ModelCard,
     ModelList,
@@ -75,6 +77,32 @@ def _json_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         s: {"description": r["description"], "content": {"application/json": {"schema": ref}}}
         for s, r in _errors(*statuses).items()
     }
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` documenting a JSON request body of `model`'s shape. The routes read their
+    bodies themselves (so a refusal names the field in OpenAI's words), which leaves FastAPI
+    nothing to document; `_with_body_schemas` adds the model to the components."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def _with_body_schemas(app: FastAPI, *models: type[BaseModel]) -> None:
+    """Make app.openapi() include `models` (and the models they use) in its components."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = build()
+            components = spec.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(schema.pop("$defs", {}))
+                components[model.__name__] = schema
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 #: Any request can meet the body cap (400 for a bad Content-Length, 413) and the catch-all 500.
@@ -177,6 +205,7 @@ def create_app(
     @app.post(
         "/v1/chat/completions",
         response_model=None,
+        openapi_extra=_json_body(ChatCompletionRequest),
         responses={
             200: {
                 "model": ChatCompletion,
@@ -220,6 +249,7 @@ def create_app(
     @app.post(
         "/v1/embeddings",
         response_model=None,
+        openapi_extra=_json_body(EmbeddingRequest),
         responses={200: {"model": EmbeddingList}, **_errors(*_ALWAYS, 401, 404, 415, 503)},
     )
     async def create_embeddings(request: Request) -> Response:
@@ -304,4 +334,5 @@ def create_app(
             return unauthorized()
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    _with_body_schemas(app, ChatCompletionRequest, EmbeddingRequest)
     return app

@@ -11,9 +11,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from schemas import limits
 
@@ -77,11 +86,30 @@ NEUTRAL_STREAM_OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+#: `content` as OpenAPI documents it: the shapes served, rather than "any objects".
+_CONTENT_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string"},
+        {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+                "required": ["text"],
+            },
+        },
+        {"type": "null"},
+    ]
+}
+
+
 class ChatCompletionMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    #: No "tool": ragbus serves no tools, so no conversation of its own has a tool result in it.
+    role: Literal["system", "developer", "user", "assistant"]
+    #: Text, or text parts (`{"type": "text", "text": ...}`, the only kind served; others are a 400).
+    content: Annotated[str | list[dict[str, Any]] | None, WithJsonSchema(_CONTENT_SCHEMA)] = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -261,6 +289,16 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+_TEXT = {"type": "string", "minLength": 1, "maxLength": limits.QUESTION_MAX}
+#: `input` as OpenAPI documents it: a text or a list of texts (token arrays are refused).
+_EMBEDDING_INPUT_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        _TEXT,
+        {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": limits.EMBEDDING_INPUTS_MAX},
+    ]
+}
+
+
 class EmbeddingRequest(BaseModel):
     """POST /v1/embeddings. `input` is checked by hand (producers/gateway/embeddings.py) so that a
     token array gets its own words; the rest refuses what it does not know."""
@@ -268,7 +306,7 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    input: Any
+    input: Annotated[Any, WithJsonSchema(_EMBEDDING_INPUT_SCHEMA)]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     #: An end-user hint, as in chat completions; embeddings are not audited, so it is not kept.
