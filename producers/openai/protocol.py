@@ -98,7 +98,6 @@ _CONTENT_SCHEMA: dict[str, Any] = {
                 "required": ["text"],
             },
         },
-        {"type": "null"},
     ]
 }
 
@@ -109,13 +108,14 @@ class ChatCompletionMessage(BaseModel):
     #: No "tool": ragbus serves no tools, so no conversation of its own has a tool result in it.
     role: Literal["system", "developer", "user", "assistant"]
     #: Text, or text parts (`{"type": "text", "text": ...}`, the only kind served; others are a 400).
-    content: Annotated[str | list[dict[str, Any]] | None, WithJsonSchema(_CONTENT_SCHEMA)] = None
+    #: Required: every message ragbus reads is text (a null content comes with tool calls only).
+    content: Annotated[str | list[dict[str, Any]], WithJsonSchema(_CONTENT_SCHEMA)]
 
     @field_validator("content", mode="before")
     @classmethod
     def _text_or_parts(cls, value: Any) -> Any:
         # One clear error at `messages.[i].content` instead of one per member of the union.
-        if value is None or isinstance(value, str):
+        if isinstance(value, str):
             return value
         if isinstance(value, list) and all(isinstance(p, dict) for p in value):
             return value
