@@ -24,6 +24,7 @@ from infra.telemetry import setup_telemetry, tracer
 from producers.gateway import errors, metrics
 from producers.gateway.auth import ApiKeys, Principal
 from producers.gateway.embeddings import (
+    EMBEDDING_ALIAS,
     EmbeddingService,
     ModelUnavailable,
     TextEmbedder,
@@ -79,12 +80,13 @@ def _json_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
-def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+def _json_body(model: type[BaseModel], example: dict[str, Any]) -> dict[str, Any]:
     """`openapi_extra` documenting a JSON request body of `model`'s shape. The routes read their
     bodies themselves (so a refusal names the field in OpenAI's words), which leaves FastAPI
     nothing to document; `_with_body_schemas` adds the model to the components."""
     ref = {"$ref": f"#/components/schemas/{model.__name__}"}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+    content = {"application/json": {"schema": ref, "example": example}}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 def _with_body_schemas(app: FastAPI, *models: type[BaseModel]) -> None:
@@ -205,7 +207,9 @@ def create_app(
     @app.post(
         "/v1/chat/completions",
         response_model=None,
-        openapi_extra=_json_body(ChatCompletionRequest),
+        openapi_extra=_json_body(
+            ChatCompletionRequest, {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}
+        ),
         responses={
             200: {
                 "model": ChatCompletion,
@@ -249,7 +253,7 @@ def create_app(
     @app.post(
         "/v1/embeddings",
         response_model=None,
-        openapi_extra=_json_body(EmbeddingRequest),
+        openapi_extra=_json_body(EmbeddingRequest, {"model": EMBEDDING_ALIAS, "input": "hello"}),
         responses={200: {"model": EmbeddingList}, **_errors(*_ALWAYS, 401, 404, 415, 503)},
     )
     async def create_embeddings(request: Request) -> Response:
