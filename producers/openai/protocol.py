@@ -103,7 +103,7 @@ _CONTENT_SCHEMA: dict[str, Any] = {
 
 
 class ChatCompletionMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     #: No "tool": ragbus serves no tools, so no conversation of its own has a tool result in it.
     role: Literal["system", "developer", "user", "assistant"]
@@ -123,7 +123,7 @@ class ChatCompletionMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = False
 
@@ -131,7 +131,7 @@ class StreamOptions(BaseModel):
 class JsonSchemaFormat(BaseModel):
     """`response_format.json_schema`: OpenAI's name, description, schema and strict flag."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
 
     name: str = Field(
         min_length=1, max_length=limits.JSON_SCHEMA_NAME_MAX, pattern=limits.JSON_SCHEMA_NAME_PATTERN
@@ -144,7 +144,7 @@ class JsonSchemaFormat(BaseModel):
 
 
 class ResponseFormatParam(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
@@ -158,9 +158,11 @@ class ResponseFormatParam(BaseModel):
 
 class ChatCompletionRequest(BaseModel):
     """The parameters ragbus honours. Neutral-only parameters are checked and dropped before this
-    model sees a body (producers/openai/convert.py); anything else is refused here too."""
+    model sees a body (producers/openai/convert.py); anything else is refused here too. Strict, as
+    the request models all are: JSON `false` is not the seed 0 nor `"5"` the number 5 — a body that
+    does not fit the documented schema is a 400, never quietly converted."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = "ragbus"
     messages: list[ChatCompletionMessage] = Field(min_length=1)
@@ -303,7 +305,7 @@ class EmbeddingRequest(BaseModel):
     """POST /v1/embeddings. `input` is checked by hand (producers/gateway/embeddings.py) so that a
     token array gets its own words; the rest refuses what it does not know."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     input: Annotated[Any, WithJsonSchema(_EMBEDDING_INPUT_SCHEMA)]

@@ -77,6 +77,14 @@ async def gateway_url(
                     json={"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4},
                     headers={"authorization": f"Bearer {KEY}"},
                 )
+                if r.status_code != 200:
+                    return False
+                # The embedding model loads on the first embeddings request: not during the run.
+                r = await http.post(
+                    f"{url}/v1/embeddings",
+                    json={"model": "ragbus-embed", "input": "hi"},
+                    headers={"authorization": f"Bearer {KEY}"},
+                )
                 return r.status_code == 200
         except httpx.HTTPError:
             return False
