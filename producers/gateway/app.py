@@ -107,6 +107,15 @@ def _with_body_schemas(app: FastAPI, *models: type[BaseModel]) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+#: One server-sent event of a streamed answer: `data` is a chat.completion.chunk as JSON, an error
+#: in OpenAI's shape (after the headers are sent, a failure can only go in the stream), or `[DONE]`.
+_SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+    "required": ["data"],
+}
+
+
 #: Any request can meet the body cap (400 for a bad Content-Length, 413) and the catch-all 500.
 _ALWAYS = (400, 413, 500)
 
@@ -214,7 +223,7 @@ def create_app(
             200: {
                 "model": ChatCompletion,
                 "description": "The answer; with `stream: true`, server-sent chat.completion.chunk events",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "content": {"text/event-stream": {"schema": _SSE_EVENT}},
             },
             **_errors(*_ALWAYS, 401, 403, 404, 415, 429, 499, 503, 504),
         },
