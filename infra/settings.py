@@ -305,9 +305,10 @@ class GatewaySettings(BaseModel):
         description="Larger request bodies get 413 before they are parsed or authenticated; default: "
         "the largest event the chat.requests topic takes.",
     )
-    gateway_metrics_public: bool = Field(
-        default=True,
-        description="GET /metrics without an API key (for a local Prometheus); false: it needs a key too.",
+    gateway_metrics: Literal["open", "key", "off"] = Field(
+        default="key",
+        description="GET /metrics: `key` needs an API key of the keys file (give Prometheus one), "
+        "`open` serves it to anyone who can reach the port (a local Prometheus), `off` answers 404.",
     )
     gateway_quotas: bool = Field(
         default=False,

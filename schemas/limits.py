@@ -89,3 +89,8 @@ def cut(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     return text[: max(0, limit - len(CUT_MARK))] + CUT_MARK
+
+
+#: Texts per /v1/embeddings request (OpenAI takes 2048; ragbus encodes on a CPU, and one request
+#: should not hold the model for minutes). Each text is at most QUESTION_MAX characters.
+EMBEDDING_INPUTS_MAX = 256

@@ -17,12 +17,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from infra.settings import Settings
 from infra.telemetry import setup_telemetry, tracer
 from producers.gateway import errors, metrics
 from producers.gateway.auth import ApiKeys, Principal
 from producers.gateway.embeddings import (
+    EMBEDDING_ALIAS,
     EmbeddingService,
     ModelUnavailable,
     TextEmbedder,
@@ -41,6 +43,7 @@ from producers.openai.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
     EmbeddingList,
+    EmbeddingRequest,
     ErrorBody,
     ModelCard,
     ModelList,
@@ -75,6 +78,42 @@ def _json_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         s: {"description": r["description"], "content": {"application/json": {"schema": ref}}}
         for s, r in _errors(*statuses).items()
     }
+
+
+def _json_body(model: type[BaseModel], example: dict[str, Any]) -> dict[str, Any]:
+    """`openapi_extra` documenting a JSON request body of `model`'s shape. The routes read their
+    bodies themselves (so a refusal names the field in OpenAI's words), which leaves FastAPI
+    nothing to document; `_with_body_schemas` adds the model to the components."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    content = {"application/json": {"schema": ref, "example": example}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def _with_body_schemas(app: FastAPI, *models: type[BaseModel]) -> None:
+    """Make app.openapi() include `models` (and the models they use) in its components."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = build()
+            components = spec.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(schema.pop("$defs", {}))
+                components[model.__name__] = schema
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+#: One server-sent event of a streamed answer: `data` is a chat.completion.chunk as JSON, an error
+#: in OpenAI's shape (after the headers are sent, a failure can only go in the stream), or `[DONE]`.
+_SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+    "required": ["data"],
+}
 
 
 #: Any request can meet the body cap (400 for a bad Content-Length, 413) and the catch-all 500.
@@ -178,11 +217,14 @@ def create_app(
     @app.post(
         "/v1/chat/completions",
         response_model=None,
+        openapi_extra=_json_body(
+            ChatCompletionRequest, {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}
+        ),
         responses={
             200: {
                 "model": ChatCompletion,
                 "description": "The answer; with `stream: true`, server-sent chat.completion.chunk events",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "content": {"text/event-stream": {"schema": _SSE_EVENT}},
             },
             **_errors(*_ALWAYS, 401, 403, 404, 415, 429, 499, 503, 504),
         },
@@ -221,6 +263,7 @@ def create_app(
     @app.post(
         "/v1/embeddings",
         response_model=None,
+        openapi_extra=_json_body(EmbeddingRequest, {"model": EMBEDDING_ALIAS, "input": "hello"}),
         responses={200: {"model": EmbeddingList}, **_errors(*_ALWAYS, 401, 404, 415, 503)},
     )
     async def create_embeddings(request: Request) -> Response:
@@ -287,15 +330,25 @@ def create_app(
         response_class=PlainTextResponse,
         responses={
             200: {"description": "Prometheus text exposition", "content": {"text/plain": {}}},
-            **_json_errors(*_ALWAYS, 401),
+            **_json_errors(*_ALWAYS, 401, 404),
         },
     )
     async def prometheus(request: Request) -> Response:
-        """Prometheus metrics; with RAGBUS_GATEWAY_METRICS_PUBLIC=false only for a valid API key."""
-        if not settings.gateway_metrics_public and principal(request) is None:
+        """Prometheus metrics. RAGBUS_GATEWAY_METRICS says who may read them: `key` (the default)
+        any valid API key, `open` anyone, `off` no one (404) — request counts and latencies tell an
+        outsider how the service is used, so they are not public unless asked for."""
+        if settings.gateway_metrics == "off":
+            return openai_error(
+                404,
+                "/metrics is turned off (RAGBUS_GATEWAY_METRICS=off)",
+                "invalid_request_error",
+                "not_found",
+            )
+        if settings.gateway_metrics == "key" and principal(request) is None:
             return unauthorized()
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    _with_body_schemas(app, ChatCompletionRequest, EmbeddingRequest)
     return app
 
 

@@ -31,9 +31,8 @@ log = logging.getLogger(__name__)
 
 #: The name every gateway serves its embedding model under, besides the model's own name.
 EMBEDDING_ALIAS = "ragbus-embed"
-#: Inputs per request (OpenAI takes 2048; ragbus encodes on a CPU, and one request should not hold
-#: the model for minutes).
-MAX_INPUTS = 256
+#: Inputs per request.
+MAX_INPUTS = limits.EMBEDDING_INPUTS_MAX
 #: Characters per input: the contract's bound on a question, the longest text the processors embed.
 MAX_INPUT_CHARS = limits.QUESTION_MAX
 

@@ -11,9 +11,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from schemas import limits
 
@@ -77,17 +86,36 @@ NEUTRAL_STREAM_OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-class ChatCompletionMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+#: `content` as OpenAPI documents it: the shapes served, rather than "any objects".
+_CONTENT_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string"},
+        {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+                "required": ["text"],
+            },
+        },
+    ]
+}
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+
+class ChatCompletionMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    #: No "tool": ragbus serves no tools, so no conversation of its own has a tool result in it.
+    role: Literal["system", "developer", "user", "assistant"]
+    #: Text, or text parts (`{"type": "text", "text": ...}`, the only kind served; others are a 400).
+    #: Required: every message ragbus reads is text (a null content comes with tool calls only).
+    content: Annotated[str | list[dict[str, Any]], WithJsonSchema(_CONTENT_SCHEMA)]
 
     @field_validator("content", mode="before")
     @classmethod
     def _text_or_parts(cls, value: Any) -> Any:
         # One clear error at `messages.[i].content` instead of one per member of the union.
-        if value is None or isinstance(value, str):
+        if isinstance(value, str):
             return value
         if isinstance(value, list) and all(isinstance(p, dict) for p in value):
             return value
@@ -95,7 +123,7 @@ class ChatCompletionMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = False
 
@@ -103,7 +131,7 @@ class StreamOptions(BaseModel):
 class JsonSchemaFormat(BaseModel):
     """`response_format.json_schema`: OpenAI's name, description, schema and strict flag."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
 
     name: str = Field(
         min_length=1, max_length=limits.JSON_SCHEMA_NAME_MAX, pattern=limits.JSON_SCHEMA_NAME_PATTERN
@@ -116,7 +144,7 @@ class JsonSchemaFormat(BaseModel):
 
 
 class ResponseFormatParam(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
@@ -130,9 +158,11 @@ class ResponseFormatParam(BaseModel):
 
 class ChatCompletionRequest(BaseModel):
     """The parameters ragbus honours. Neutral-only parameters are checked and dropped before this
-    model sees a body (producers/openai/convert.py); anything else is refused here too."""
+    model sees a body (producers/openai/convert.py); anything else is refused here too. Strict, as
+    the request models all are: JSON `false` is not the seed 0 nor `"5"` the number 5 — a body that
+    does not fit the documented schema is a 400, never quietly converted."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = "ragbus"
     messages: list[ChatCompletionMessage] = Field(min_length=1)
@@ -261,14 +291,24 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+_TEXT = {"type": "string", "minLength": 1, "maxLength": limits.QUESTION_MAX}
+#: `input` as OpenAPI documents it: a text or a list of texts (token arrays are refused).
+_EMBEDDING_INPUT_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        _TEXT,
+        {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": limits.EMBEDDING_INPUTS_MAX},
+    ]
+}
+
+
 class EmbeddingRequest(BaseModel):
     """POST /v1/embeddings. `input` is checked by hand (producers/gateway/embeddings.py) so that a
     token array gets its own words; the rest refuses what it does not know."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
-    input: Any
+    input: Annotated[Any, WithJsonSchema(_EMBEDDING_INPUT_SCHEMA)]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     #: An end-user hint, as in chat completions; embeddings are not audited, so it is not kept.

@@ -217,6 +217,20 @@ def test_gpu_worker_requests_gpus_and_serves_vllm_from_the_model_volume(rendered
     assert "nvidia.com/gpu" not in json.dumps(cpu)
 
 
+def test_metrics_need_a_key_and_prometheus_scrapes_with_one(rendered: Path) -> None:
+    """/metrics is not public by default: the gateway asks for an API key, and the ServiceMonitor
+    sends one from a Secret as a bearer token."""
+    objs = _objects(rendered, "default")
+    assert _env(_one(objs, "Deployment", "gateway"))["RAGBUS_GATEWAY_METRICS"] == "key"
+    (monitor,) = _of_kind(objs, "ServiceMonitor")
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["authorization"] == {
+        "type": "Bearer",
+        "credentials": {"name": "ragbus-gateway-metrics-key", "key": "key"},
+    }
+
+
 def test_a_tenant_name_kubernetes_cannot_hold_is_refused(rendered: Path) -> None:
     helm = next(TOOLS.glob("helm-*/helm"))
     proc = subprocess.run(

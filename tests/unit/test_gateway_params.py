@@ -275,14 +275,17 @@ async def test_embeddings_need_a_key_and_json() -> None:
         )
 
 
-async def test_metrics_are_public_by_default_and_need_a_key_when_told() -> None:
+async def test_metrics_need_a_key_by_default_and_can_be_opened_or_turned_off() -> None:
     async with _client() as http:
-        r = await http.get("/metrics")
-        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    async with _client(gateway_metrics_public=False) as http:
         assert _error(await http.get("/metrics"), 401)["code"] == "invalid_api_key"
         r = await http.get("/metrics", headers=AUTH)
         assert r.status_code == 200 and b"ragbus_gateway_requests" in r.content
+        assert r.headers["content-type"].startswith("text/plain")
+    async with _client(gateway_metrics="open") as http:
+        r = await http.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    async with _client(gateway_metrics="off") as http:
+        assert _error(await http.get("/metrics", headers=AUTH), 404)["code"] == "not_found"
 
 
 def test_the_openapi_document_lists_each_routes_statuses_and_content_types() -> None:
@@ -292,7 +295,7 @@ def test_the_openapi_document_lists_each_routes_statuses_and_content_types() -> 
         ("/v1/embeddings", "post"): {200, 400, 401, 404, 413, 415, 500, 503},
         ("/v1/models", "get"): {200, 400, 401, 413, 500},
         ("/healthz", "get"): {200, 400, 413, 500, 503},
-        ("/metrics", "get"): {200, 400, 401, 413, 500},
+        ("/metrics", "get"): {200, 400, 401, 404, 413, 500},
     }
     for (path, method), statuses in expected.items():
         responses = paths[path][method]["responses"]
