@@ -38,10 +38,12 @@ import urllib.request
 from pathlib import Path
 
 from infra.procs import ServiceError, pid_alive, port_in_use, read_pid, tail, terminate
+from infra.settings import MilvusSettings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_VERSION = "2.3.5"
+#: The version the settings name (`milvus_server_version`; 2.3.5 is the package's newest Linux wheel).
+DEFAULT_VERSION: str = MilvusSettings.model_fields["milvus_server_version"].default
 _DONE = ".installed"
 
 #: How long a SIGTERM'd server may take to stop (the package's default is 1800 s: its nodes keep
