@@ -50,6 +50,9 @@ RRF_K = 60
 BM25_SINCE = (2, 5)
 #: The first with INVERTED scalar indexes.
 INVERTED_SINCE = (2, 4)
+#: Milvus 2.3 upserts rows into a partition other than their partition key's (a count sees them, a
+#: tenant's search does not); there the store deletes the rows' keys and inserts them instead.
+UPSERT_SINCE = (2, 4)
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,8 @@ class ChunkStore:
         self.index_type = "HNSW"
         #: Whether the collection has the BM25 `sparse` field (hybrid search); set when opened.
         self.keyword_search = True
+        #: Whether the server's upsert honours the partition key; set when opened.
+        self.upserts = True
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="milvus")
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -135,6 +140,7 @@ class ChunkStore:
             self._check_existing()
         else:
             self._create()
+        self.upserts = self._server_has(UPSERT_SINCE)
         if not self.keyword_search:
             log.warning(
                 "Milvus at this URI (%s) has no BM25 function (Milvus %d.%d+): collection %s has no keyword "
@@ -274,7 +280,14 @@ class ChunkStore:
             for c in chunks
         ]
         for start in range(0, len(rows), 512):
-            self.client.upsert(self.collection, rows[start : start + 512])
+            batch = rows[start : start + 512]
+            if self.upserts:
+                self.client.upsert(self.collection, batch)
+            else:
+                # Not atomic: a replay of this version's rows is briefly absent; a new version's
+                # rows have new keys, so nothing is deleted for them.
+                self.client.delete(self.collection, ids=[r["pk"] for r in batch])
+                self.client.insert(self.collection, batch)
         stale = (
             f"tenant_id == {quote(doc.tenant_id)} and doc_id == {quote(doc.doc_id)} "
             f"and version != {quote(doc.version)}"

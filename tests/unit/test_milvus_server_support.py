@@ -7,7 +7,7 @@ import pytest
 
 from infra.milvus_server import render_config
 from infra.procs import ServiceError
-from processors.store import BM25_SINCE, INVERTED_SINCE, server_at_least
+from processors.store import BM25_SINCE, INVERTED_SINCE, UPSERT_SINCE, server_at_least
 
 
 def test_template_placeholders_take_values_or_their_defaults() -> None:
@@ -42,3 +42,4 @@ def test_a_placeholder_without_value_or_default_is_an_error() -> None:
 def test_server_features_follow_its_version(version: str, bm25: bool, inverted: bool) -> None:
     assert server_at_least(version, BM25_SINCE) is bm25
     assert server_at_least(version, INVERTED_SINCE) is inverted
+    assert server_at_least(version, UPSERT_SINCE) is inverted
