@@ -10,7 +10,8 @@ Milvus's BM25 function from `text`, for keyword and hybrid search.
 A server without the BM25 function (Milvus before 2.5, e.g. the 2.3 standalone of
 infra/milvus_server.py) gets a dense-only collection: no `sparse` field, no analyzer on `text`, no
 inverted index on `doc_id` (2.4+). Hybrid requests are then answered by dense search, and the store
-says so once, when it opens the collection.
+says so once, when it opens the collection. Milvus 2.3's upsert and delete also fall short (see
+UPSERT_SINCE): there rows are deleted by key and inserted, and reads are Strong.
 
 Re-ingesting a document writes its new chunks under a new `version` and then deletes every chunk
 of that document with another version, so no stale chunk survives and the document is never
@@ -51,7 +52,9 @@ BM25_SINCE = (2, 5)
 #: The first with INVERTED scalar indexes.
 INVERTED_SINCE = (2, 4)
 #: Milvus 2.3 upserts rows into a partition other than their partition key's (a count sees them, a
-#: tenant's search does not); there the store deletes the rows' keys and inserts them instead.
+#: tenant's search does not), and its delete by filter returns no timestamp, so the client's
+#: Session consistency does not cover deletes: there the store deletes the rows' keys and inserts
+#: them instead of upserting, and reads with Strong consistency.
 UPSERT_SINCE = (2, 4)
 
 
@@ -129,8 +132,11 @@ class ChunkStore:
         self.index_type = "HNSW"
         #: Whether the collection has the BM25 `sparse` field (hybrid search); set when opened.
         self.keyword_search = True
-        #: Whether the server's upsert honours the partition key; set when opened.
+        #: Whether the server's upsert honours the partition key and its deletes are seen by this
+        #: client's next read (Session consistency); set when opened.
         self.upserts = True
+        #: Extra arguments of every read: Strong consistency where Session misses deletes.
+        self._reads: dict[str, Any] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="milvus")
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -141,6 +147,7 @@ class ChunkStore:
         else:
             self._create()
         self.upserts = self._server_has(UPSERT_SINCE)
+        self._reads = {} if self.upserts else {"consistency_level": "Strong"}
         if not self.keyword_search:
             log.warning(
                 "Milvus at this URI (%s) has no BM25 function (Milvus %d.%d+): collection %s has no keyword "
@@ -336,7 +343,12 @@ class ChunkStore:
                 ),
             ]
             result = self.client.hybrid_search(
-                self.collection, requests, ranker=RRFRanker(RRF_K), limit=limit, output_fields=OUTPUT_FIELDS
+                self.collection,
+                requests,
+                ranker=RRFRanker(RRF_K),
+                limit=limit,
+                output_fields=OUTPUT_FIELDS,
+                **self._reads,
             )
         else:
             result = self.client.search(
@@ -347,6 +359,7 @@ class ChunkStore:
                 filter=tenant,
                 output_fields=OUTPUT_FIELDS,
                 search_params=dense_params,
+                **self._reads,
             )
         return [[_hit(h) for h in hits] for hits in result]
 
@@ -356,7 +369,9 @@ class ChunkStore:
             parts.append(f"tenant_id == {quote(tenant_id)}")
         if doc_id is not None:
             parts.append(f"doc_id == {quote(doc_id)}")
-        rows = self.client.query(self.collection, filter=" and ".join(parts), output_fields=["count(*)"])
+        rows = self.client.query(
+            self.collection, filter=" and ".join(parts), output_fields=["count(*)"], **self._reads
+        )
         return int(rows[0]["count(*)"]) if rows else 0
 
     def chunks_of(self, tenant_id: str, doc_id: str) -> list[dict[str, Any]]:
@@ -365,6 +380,7 @@ class ChunkStore:
             self.collection,
             filter=f"tenant_id == {quote(tenant_id)} and doc_id == {quote(doc_id)}",
             output_fields=["chunk_id", "chunk_index", "version", "text"],
+            **self._reads,
         )
         return sorted((dict(r) for r in rows), key=lambda r: r["chunk_index"])
 
