@@ -381,10 +381,8 @@ class LocalMilvus:
 
 
 def _cache_default() -> Path:
-    return Path(
-        os.environ.get("RAGBUS_TEST_CACHE")
-        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ragbus"
-    )
+    """The tests' cache (tests/conftest.py), where their `milvus_server` fixture looks."""
+    return Path(os.environ.get("RAGBUS_TEST_CACHE") or Path.home() / ".cache" / "ragbus")
 
 
 def main(argv: list[str] | None = None) -> int:
