@@ -402,6 +402,13 @@ def main(argv: list[str] | None = None) -> int:
         print(ensure_installed(args.cache, args.version))
         return 0
     server = LocalMilvus(args.data_dir, cache=args.cache, port=args.port, version=args.version)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # SIGTERM stops it like Ctrl+C; SIGINT too when a shell started it in the background (ignored).
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     server.start()
     print(f"Milvus {args.version} on {server.uri}; Ctrl+C stops it", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
