@@ -10,11 +10,16 @@ it (`bin/`); each server gets its own data folder (config, logs, etcd, RocksMQ, 
 Milvus 2.3 has no BM25 function and no sparse vectors: the chunk store creates a dense-only
 collection there and hybrid retrieval falls back to dense search (processors/store.py says so once).
 
-Start-up takes about 10 s. After a SIGKILL the server's etcd sessions outlive it for their TTL
-(30 s): a restart on the same data folder waits for them to expire before it is ready, so a crashed
-server's restart is slow, not hung. `stop()` shuts down with SIGTERM so the sessions are released.
-The binary also takes a lock on /run/milvus/standalone.pid (or the temporary folder when /run is not
-writable), which a clean exit or a crash releases; it does not keep two servers apart.
+Measured here (2 cores): ready in 2.5-4.5 s; a restart on the same data folder 8-9 s, after a
+SIGKILL too (its etcd sessions are taken over, not waited out); `stop()` about 10 s: SIGTERM, and
+the config's graceful-stop limit is 10 s instead of the package's 1800 s, during which the nodes
+only retry the coordinators that stopped first.
+
+Two servers on one machine: the embedded etcd listens on 2379/2380 whatever the template says, so
+each server here gets an etcd config of its own ports (configs/embedEtcd.yaml); the package's own
+launcher has none, and its start-up wait loops for 180 s on a server that already died of the
+clash (a "second start hangs"). The binary's lock on /run/milvus/standalone.pid does not keep two
+servers apart (two ran side by side here).
 
     python -m infra.milvus_server install        # the venv and the unpacked binary, once (bootstrap)
     python -m infra.milvus_server run DIR PORT   # a server in the foreground until Ctrl+C
