@@ -161,7 +161,7 @@ def milvus_server_service(workdir: Path, *, cache: Path, version: str) -> Iterat
         yield MilvusService(uri, "env")
         return
     if docker_available():
-        from testcontainers.milvus import MilvusContainer
+        from testcontainers.community.milvus import MilvusContainer
 
         with MilvusContainer(f"milvusdb/milvus:v{version}") as container:
             yield MilvusService(container.get_connection_url(), "docker")
