@@ -168,6 +168,11 @@ class MilvusSettings(BaseModel):
     milvus_token: SecretStr | None = None
     milvus_collection: str = Field(default="ragbus_chunks", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     milvus_search_ef: int = Field(default=64, ge=1, description="HNSW ef at search time (at least top_k).")
+    milvus_server_version: str = Field(
+        default="2.3.5",
+        description="The local Milvus standalone server's version (infra/milvus_server.py; the `milvus` "
+        "package on PyPI), for the tests and setups that need a server rather than Milvus Lite.",
+    )
 
 
 class ProcessorSettings(BaseModel):

@@ -7,6 +7,12 @@ the tenant filter is a plain scalar comparison, never a JSON path); `doc_id`, `v
 inner product, M=32, efConstruction=100 where the server accepts HNSW); `sparse` is filled by
 Milvus's BM25 function from `text`, for keyword and hybrid search.
 
+A server without the BM25 function (Milvus before 2.5, e.g. the 2.3 standalone of
+infra/milvus_server.py) gets a dense-only collection: no `sparse` field, no analyzer on `text`, no
+inverted index on `doc_id` (2.4+). Hybrid requests are then answered by dense search, and the store
+says so once, when it opens the collection. Milvus 2.3's upsert and delete also fall short (see
+UPSERT_SINCE): there rows are deleted by key and inserted, and reads are Strong.
+
 Re-ingesting a document writes its new chunks under a new `version` and then deletes every chunk
 of that document with another version, so no stale chunk survives and the document is never
 absent in between. The primary key is derived from (tenant, doc, version, index): replaying an
@@ -21,6 +27,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +47,15 @@ T = TypeVar("T")
 OUTPUT_FIELDS = ["tenant_id", "doc_id", "chunk_id", "chunk_index", "text", "source", "title", "metadata"]
 TEXT_MAX_BYTES = 65_535
 RRF_K = 60
+#: The first Milvus release with the BM25 function (full-text search) and sparse vectors with it.
+BM25_SINCE = (2, 5)
+#: The first with INVERTED scalar indexes.
+INVERTED_SINCE = (2, 4)
+#: Milvus 2.3 upserts rows into a partition other than their partition key's (a count sees them, a
+#: tenant's search does not), and its delete by filter returns no timestamp, so the client's
+#: Session consistency does not cover deletes: there the store deletes the rows' keys and inserts
+#: them instead of upserting, and reads with Strong consistency.
+UPSERT_SINCE = (2, 4)
 
 
 @dataclass(frozen=True)
@@ -84,6 +100,16 @@ def quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
+def server_at_least(version: str, since: tuple[int, int]) -> bool:
+    """Whether a server reporting `version` ("v2.3.5-lite", "v2.5.4") is Milvus `since` or newer.
+    Milvus Lite ("milvus_lite-3.2.2", its own numbering; it has every feature the store uses) and a
+    version that cannot be read count as new: the server then says itself what it refuses."""
+    found = re.match(r"v?(\d+)\.(\d+)", version)
+    if version.startswith("milvus_lite") or found is None:
+        return True
+    return (int(found.group(1)), int(found.group(2))) >= since
+
+
 def chunk_pk(tenant_id: str, doc_id: str, version: str, index: int) -> str:
     return hashlib.sha1(f"{tenant_id}\x1f{doc_id}\x1f{version}\x1f{index}".encode()).hexdigest()
 
@@ -104,6 +130,13 @@ class ChunkStore:
         self.dimension = dimension
         self.ef = ef
         self.index_type = "HNSW"
+        #: Whether the collection has the BM25 `sparse` field (hybrid search); set when opened.
+        self.keyword_search = True
+        #: Whether the server's upsert honours the partition key and its deletes are seen by this
+        #: client's next read (Session consistency); set when opened.
+        self.upserts = True
+        #: Extra arguments of every read: Strong consistency where Session misses deletes.
+        self._reads: dict[str, Any] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="milvus")
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -113,13 +146,32 @@ class ChunkStore:
             self._check_existing()
         else:
             self._create()
+        self.upserts = self._server_has(UPSERT_SINCE)
+        self._reads = {} if self.upserts else {"consistency_level": "Strong"}
+        if not self.keyword_search:
+            log.warning(
+                "Milvus at this URI (%s) has no BM25 function (Milvus %d.%d+): collection %s has no keyword "
+                "index, and hybrid retrieval is answered by dense search only",
+                self._server_version(),
+                *BM25_SINCE,
+                self.collection,
+            )
         self.client.load_collection(self.collection)
+
+    def _server_version(self) -> str:
+        try:
+            return str(self.client.get_server_version())
+        except MilvusException:
+            return "unknown version"
+
+    def _server_has(self, since: tuple[int, int]) -> bool:
+        return server_at_least(self._server_version(), since)
 
     def _check_existing(self) -> None:
         info = self.client.describe_collection(self.collection)
         fields = {f["name"]: f for f in info.get("fields", [])}
         dense = fields.get("dense")
-        if dense is None or "sparse" not in fields or "tenant_id" not in fields:
+        if dense is None or "tenant_id" not in fields:
             raise StoreError(
                 f"collection {self.collection!r} exists but is not a ragbus chunk collection "
                 f"(fields: {', '.join(fields)}); set RAGBUS_MILVUS_COLLECTION to another name"
@@ -130,8 +182,10 @@ class ChunkStore:
                 f"collection {self.collection!r} holds {dim}-dimensional vectors, the embedding model "
                 f"makes {self.dimension}: re-ingest into a new collection (RAGBUS_MILVUS_COLLECTION)"
             )
+        self.keyword_search = "sparse" in fields
 
     def _create(self) -> None:
+        self.keyword_search = self._server_has(BM25_SINCE)
         schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=64)
         schema.add_field("tenant_id", DataType.VARCHAR, max_length=128, is_partition_key=True)
@@ -139,22 +193,24 @@ class ChunkStore:
         schema.add_field("version", DataType.VARCHAR, max_length=64)
         schema.add_field("chunk_id", DataType.VARCHAR, max_length=300)
         schema.add_field("chunk_index", DataType.INT64)
-        schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES, enable_analyzer=True)
+        analyzed = {"enable_analyzer": True} if self.keyword_search else {}
+        schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES, **analyzed)
         schema.add_field("source", DataType.VARCHAR, max_length=2048)
         schema.add_field("title", DataType.VARCHAR, max_length=1024)
         schema.add_field("content_type", DataType.VARCHAR, max_length=64)
         schema.add_field("metadata", DataType.JSON)
         schema.add_field("ingested_at_ms", DataType.INT64)
         schema.add_field("dense", DataType.FLOAT_VECTOR, dim=self.dimension)
-        schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
-        schema.add_function(
-            Function(
-                name="text_bm25",
-                function_type=FunctionType.BM25,
-                input_field_names=["text"],
-                output_field_names=["sparse"],
+        if self.keyword_search:
+            schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+            schema.add_function(
+                Function(
+                    name="text_bm25",
+                    function_type=FunctionType.BM25,
+                    input_field_names=["text"],
+                    output_field_names=["sparse"],
+                )
             )
-        )
         # pymilvus polls the index state with a call Milvus Lite does not implement; its gRPC
         # server logs each poll as an error although the collection is created fine.
         grpc_log = logging.getLogger("grpc._server")
@@ -192,8 +248,10 @@ class ChunkStore:
             )
         else:
             params.add_index("dense", index_type="AUTOINDEX", metric_type="IP")
-        params.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
-        params.add_index("doc_id", index_type="INVERTED")
+        if self.keyword_search:
+            params.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+        if self._server_has(INVERTED_SINCE):
+            params.add_index("doc_id", index_type="INVERTED")
         return params
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -229,7 +287,14 @@ class ChunkStore:
             for c in chunks
         ]
         for start in range(0, len(rows), 512):
-            self.client.upsert(self.collection, rows[start : start + 512])
+            batch = rows[start : start + 512]
+            if self.upserts:
+                self.client.upsert(self.collection, batch)
+            else:
+                # Not atomic: a replay of this version's rows is briefly absent; a new version's
+                # rows have new keys, so nothing is deleted for them.
+                self.client.delete(self.collection, ids=[r["pk"] for r in batch])
+                self.client.insert(self.collection, batch)
         stale = (
             f"tenant_id == {quote(doc.tenant_id)} and doc_id == {quote(doc.doc_id)} "
             f"and version != {quote(doc.version)}"
@@ -253,14 +318,15 @@ class ChunkStore:
         """Top-`limit` chunks of `tenant_id` for each query vector, in one Milvus call.
 
         With `hybrid`, each query's dense results and BM25 results for its text are fused with
-        reciprocal rank fusion (RRF, k=60).
+        reciprocal rank fusion (RRF, k=60); on a collection without BM25 (`keyword_search` false,
+        announced by `ensure_collection`) hybrid is dense search.
         """
         if len(vectors) == 0:
             return []
         tenant = f"tenant_id == {quote(tenant_id)}"
         data = np.asarray(vectors, dtype=np.float32).tolist()
         dense_params = {"metric_type": "IP", "params": {"ef": max(self.ef, limit)}}
-        if hybrid:
+        if hybrid and self.keyword_search:
             if texts is None or len(texts) != len(data):
                 raise ValueError("hybrid search needs the query texts")
             candidates = max(limit * 3, 20)
@@ -277,7 +343,12 @@ class ChunkStore:
                 ),
             ]
             result = self.client.hybrid_search(
-                self.collection, requests, ranker=RRFRanker(RRF_K), limit=limit, output_fields=OUTPUT_FIELDS
+                self.collection,
+                requests,
+                ranker=RRFRanker(RRF_K),
+                limit=limit,
+                output_fields=OUTPUT_FIELDS,
+                **self._reads,
             )
         else:
             result = self.client.search(
@@ -288,6 +359,7 @@ class ChunkStore:
                 filter=tenant,
                 output_fields=OUTPUT_FIELDS,
                 search_params=dense_params,
+                **self._reads,
             )
         return [[_hit(h) for h in hits] for hits in result]
 
@@ -297,7 +369,9 @@ class ChunkStore:
             parts.append(f"tenant_id == {quote(tenant_id)}")
         if doc_id is not None:
             parts.append(f"doc_id == {quote(doc_id)}")
-        rows = self.client.query(self.collection, filter=" and ".join(parts), output_fields=["count(*)"])
+        rows = self.client.query(
+            self.collection, filter=" and ".join(parts), output_fields=["count(*)"], **self._reads
+        )
         return int(rows[0]["count(*)"]) if rows else 0
 
     def chunks_of(self, tenant_id: str, doc_id: str) -> list[dict[str, Any]]:
@@ -306,6 +380,7 @@ class ChunkStore:
             self.collection,
             filter=f"tenant_id == {quote(tenant_id)} and doc_id == {quote(doc_id)}",
             output_fields=["chunk_id", "chunk_index", "version", "text"],
+            **self._reads,
         )
         return sorted((dict(r) for r in rows), key=lambda r: r["chunk_index"])
 

@@ -17,9 +17,11 @@ import pytest
 from infra.settings import Settings
 from tests.provision import (
     KafkaService,
+    MilvusService,
     PostgresService,
     create_database,
     kafka_service,
+    milvus_server_service,
     milvus_service,
     postgres_service,
 )
@@ -31,6 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 #: Jars and model caches survive between test sessions; everything else is per session.
 CACHE = Path(os.environ.get("RAGBUS_TEST_CACHE", Path.home() / ".cache" / "ragbus"))
 KAFKA_VERSION = Settings().kafka_version
+MILVUS_SERVER_VERSION = Settings().milvus_server_version
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +45,16 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaService]:
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresService]:
     with postgres_service(tmp_path_factory.mktemp("postgres")) as service:
+        yield service
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusService]:
+    """A real Milvus server (not Lite), started only by the tests that ask for it; tests share it
+    with a collection each (`milvus_collection` of `base_settings`)."""
+    with milvus_server_service(
+        tmp_path_factory.mktemp("milvus-server"), cache=CACHE, version=MILVUS_SERVER_VERSION
+    ) as service:
         yield service
 
 

@@ -3,7 +3,8 @@
 1. an environment variable names a running service → use it
    (RAGBUS_TEST_KAFKA_BOOTSTRAP, RAGBUS_TEST_PG_DSN, RAGBUS_TEST_MILVUS_URI);
 2. else a Docker engine answers → testcontainers;
-3. else the project's own local processes (a real Kafka broker, a real Postgres; Milvus Lite).
+3. else the project's own local processes (a real Kafka broker, a real Postgres; Milvus Lite, or
+   for the tests that need a server, a real Milvus standalone server: `milvus_server_service`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from infra.kafka.broker import BrokerAuth, LocalKafka, ScramUser
+from infra.milvus_server import LocalMilvus
 from infra.postgres.server import LocalPostgres
 from infra.procs import free_port
 from schemas.tenants import COMPONENTS_USER, SCRAM_MECHANISM
@@ -63,6 +65,15 @@ class PostgresService:
         from urllib.parse import urlsplit, urlunsplit
 
         return urlunsplit(urlsplit(self.dsn)._replace(path=f"/{database}"))
+
+
+@dataclass
+class MilvusService:
+    """A Milvus server (never Milvus Lite): what several processes can share."""
+
+    uri: str
+    kind: str  # "env" | "docker" | "local"
+    local: LocalMilvus | None = None
 
 
 def broker_auth(*, tls: bool = False) -> tuple[BrokerAuth, dict[str, Any]]:
@@ -138,6 +149,29 @@ def milvus_service(workdir: Path) -> Iterator[str]:
         return
     workdir.mkdir(parents=True, exist_ok=True)
     yield str(workdir / "milvus.db")
+
+
+@contextlib.contextmanager
+def milvus_server_service(workdir: Path, *, cache: Path, version: str) -> Iterator[MilvusService]:
+    """A Milvus server for a test session: RAGBUS_TEST_MILVUS_URI when it names one (http(s)://),
+    else a Docker container, else the local standalone server (infra/milvus_server.py) on a fresh
+    data folder."""
+    uri = os.environ.get(MILVUS_ENV, "")
+    if uri.startswith(("http://", "https://", "tcp://")):
+        yield MilvusService(uri, "env")
+        return
+    if docker_available():
+        from testcontainers.community.milvus import MilvusContainer
+
+        with MilvusContainer(f"milvusdb/milvus:v{version}") as container:
+            yield MilvusService(container.get_connection_url(), "docker")
+        return
+    server = LocalMilvus(workdir, cache=cache, port=free_port(), version=version)
+    server.start()
+    try:
+        yield MilvusService(server.uri, "local", server)
+    finally:
+        server.stop()
 
 
 async def create_database(admin_dsn: str, name: str) -> None:

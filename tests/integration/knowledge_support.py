@@ -13,7 +13,8 @@ from infra.kafka.clients import make_producer
 from infra.kafka.codec import encode
 from infra.settings import Settings
 from processors.service import Processors
-from schemas import DocumentIngest, EventBase, IngestResult
+from processors.store import ChunkStore
+from schemas import ChatRequest, DocumentIngest, EnrichedRequest, EventBase, IngestResult
 from tests.helpers import read_events, wait_for
 from tests.integration.knowledge_corpus import Doc
 
@@ -122,3 +123,18 @@ async def ingest(settings: Settings, events: Sequence[DocumentIngest]) -> dict[s
         [e.request_id for e in events],
     )
     return {e.request_id: results[e.request_id] for e in events}
+
+
+async def ask(settings: Settings, requests: list[ChatRequest]) -> dict[str, EnrichedRequest]:
+    """Each request on its own tenant's and lane's request topic."""
+    for tenant in sorted({r.tenant_id for r in requests}):
+        for lane in ("chat", "bulk"):
+            mine = [r for r in requests if r.lane == lane and r.tenant_id == tenant]
+            if mine:
+                await produce(settings, settings.topics.tenant(tenant).requests(lane), mine)
+    topics = [settings.topics.enriched("chat"), settings.topics.enriched("bulk")]
+    return await collect(settings, topics, EnrichedRequest, [r.request_id for r in requests])
+
+
+def stored_texts(store: ChunkStore, tenant: str, doc_ids: list[str]) -> set[str]:
+    return {row["text"] for doc_id in doc_ids for row in store.chunks_of(tenant, doc_id)}

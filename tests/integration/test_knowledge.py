@@ -14,7 +14,6 @@ import pytest
 from infra.kafka.topics import declare_topics
 from infra.settings import Settings
 from processors.service import Processors, ProcessorsError
-from processors.store import ChunkStore
 from schemas import (
     ChatRequest,
     ChatResponse,
@@ -29,12 +28,14 @@ from schemas.base import utcnow
 from tests.helpers import read_events, read_topic, wait_for
 from tests.integration.knowledge_corpus import ACME, GLOBEX, QUESTIONS, documents
 from tests.integration.knowledge_support import (
+    ask,
     collect,
     ingest,
     ingest_event,
     produce,
     running_processors,
     shared_model,
+    stored_texts,
 )
 
 #: The corpus's second tenant and one without documents (conftest declares acme's topics).
@@ -46,21 +47,6 @@ async def knowledge_settings(settings: Settings) -> Settings:
     # Small chunks: the 3 documents of acme make 17 chunks, so "in the top 3" means something.
     await declare_topics(settings, tenants=EXTRA_TENANTS)
     return settings.model_copy(update={"chunk_tokens": 64, "chunk_overlap_tokens": 16})
-
-
-async def ask(settings: Settings, requests: list[ChatRequest]) -> dict[str, EnrichedRequest]:
-    """Each request on its own tenant's and lane's request topic."""
-    for tenant in sorted({r.tenant_id for r in requests}):
-        for lane in ("chat", "bulk"):
-            mine = [r for r in requests if r.lane == lane and r.tenant_id == tenant]
-            if mine:
-                await produce(settings, settings.topics.tenant(tenant).requests(lane), mine)
-    topics = [settings.topics.enriched("chat"), settings.topics.enriched("bulk")]
-    return await collect(settings, topics, EnrichedRequest, [r.request_id for r in requests])
-
-
-def stored_texts(store: ChunkStore, tenant: str, doc_ids: list[str]) -> set[str]:
-    return {row["text"] for doc_id in doc_ids for row in store.chunks_of(tenant, doc_id)}
 
 
 async def test_questions_get_the_right_chunk_and_tenants_never_mix(knowledge_settings: Settings) -> None:
