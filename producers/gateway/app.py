@@ -323,4 +323,21 @@ def create_app(
             return unauthorized()
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    _no_422(app)
     return app
+
+
+def _no_422(app: FastAPI) -> None:
+    """Drop FastAPI's automatic 422 from the OpenAPI document: the gateway answers a bad path or
+    query parameter with 400 in OpenAI's shape (errors.install), never 422."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
