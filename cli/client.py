@@ -205,7 +205,7 @@ def gateway(
     ),
 ) -> None:
     """Serve the OpenAI-compatible HTTP API: /v1/chat/completions, /v1/embeddings, /v1/models,
-    /healthz, /metrics."""
+    /v1/files and /v1/batches (with RAGBUS_GATEWAY_BATCHES=true), /healthz, /metrics."""
     import uvicorn
 
     from producers.gateway.app import create_app

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import re
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,6 +60,16 @@ def file_path(home: Path, tenant: str, file_id: str) -> Path:
 
 def results_path(home: Path, tenant: str, batch_id: str) -> Path:
     return home / "batches" / tenant / f"{batch_id}.results.jsonl"
+
+
+def clean_incoming(home: Path, older_than_s: float = 3600.0) -> None:
+    """Remove upload spools a gateway left behind (it died mid-upload); a spool younger than
+    `older_than_s` may be another gateway's upload in progress and is kept."""
+    cutoff = time.time() - older_than_s
+    for spool in (home / "files" / ".incoming").glob("*"):
+        with contextlib.suppress(OSError):
+            if spool.stat().st_mtime < cutoff:
+                spool.unlink()
 
 
 def new_file_id() -> str:
@@ -173,6 +184,7 @@ class BatchRunner:
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        await asyncio.to_thread(clean_incoming, self.settings.home)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="ragbus-batch-sweep")
 
     async def stop(self) -> None:

@@ -28,6 +28,7 @@ from infra.postgres.roles import GATEWAY_ROLE, ensure_login_roles
 from infra.procs import free_port
 from infra.secrets import postgres_password_path, read_secret
 from infra.settings import Settings
+from producers.gateway.batch_store import BatchLease, BatchStore
 from tests.helpers import spawn, wait_for
 from tests.integration.pipeline_support import COMPONENTS, Pipeline, pipeline_settings, running_pipeline
 from tests.provision import KafkaService, PostgresService
@@ -266,6 +267,19 @@ async def test_cancel_stops_the_rest_and_keeps_the_answers_so_far(stack: Stack) 
     await _until(
         stack, batch_id, lambda b: b.request_counts and b.request_counts.completed >= 2, what="first answers"
     )
+    # The gateway holds the batch's lease while it runs it: nobody else (another gateway) may.
+    store = await BatchStore.open(stack.settings)
+    try:
+        assert await BatchLease.take(store, batch_id) is None
+        other = await BatchLease.take(store, "batch_unrelated")
+        assert other is not None
+        assert await BatchLease.take(store, "batch_unrelated") is None  # one holder at a time
+        await other.release()
+        again = await BatchLease.take(store, "batch_unrelated")
+        assert again is not None
+        await again.release()
+    finally:
+        await store.close()
     cancelling = await stack.client().batches.cancel(batch_id)
     assert cancelling.status in ("cancelling", "cancelled"), cancelling.status
     batch = await _until(stack, batch_id, lambda b: b.status == "cancelled", timeout=120)
