@@ -202,3 +202,19 @@ def test_the_openapi_document_lists_the_routes_statuses_and_never_422() -> None:
             ]
     assert "409" in spec["paths"]["/v1/files/{file_id}"]["delete"]["responses"]
     assert "multipart/form-data" in spec["paths"]["/v1/files"]["post"]["requestBody"]["content"]
+
+
+def test_stale_upload_spools_are_removed_and_fresh_ones_kept(tmp_path: Path) -> None:
+    import os
+
+    from producers.gateway.batches import clean_incoming
+
+    incoming = tmp_path / "files" / ".incoming"
+    incoming.mkdir(parents=True)
+    old, fresh = incoming / "old", incoming / "fresh"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    os.utime(old, (0, 0))
+    clean_incoming(tmp_path)
+    assert not old.exists() and fresh.exists()
+    clean_incoming(tmp_path / "nowhere")  # no folder yet: nothing to do
