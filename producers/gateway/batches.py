@@ -267,7 +267,7 @@ class BatchRunner:
         results = results_path(self.settings.home, tenant, batch_id)
         state, resumed = open_job(store, batch_id, input=source, output=results, fmt="openai", user=user)
         if resumed:
-            log.info("batch %s: resuming its job (%s answered before)", batch_id, state.answered)
+            log.info("batch %s: resuming its job (answered lines are kept, sent ones read back)", batch_id)
         runner = BulkRunner(
             as_tenant(self.settings, tenant),
             state,
