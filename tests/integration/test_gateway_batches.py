@@ -61,20 +61,23 @@ class Stack:
     def client(self, key: str = KEY) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60)
 
-    async def start_gateway(self) -> None:
+    async def start_gateway(self, name: str = "gateway", port: int | None = None) -> None:
         p = self.pipeline
-        self.gateway = spawn(["gateway", "--port", str(self.port)], self.settings, p.logs / "gateway.log")
-        p.procs["gateway"] = self.gateway
+        port = port or self.port
+        proc = spawn(["gateway", "--port", str(port)], self.settings, p.logs / f"{name}.log")
+        p.procs[name] = proc
+        if name == "gateway":
+            self.gateway = proc
 
         async def healthy() -> bool:
             p.assert_alive()
             try:
                 async with httpx.AsyncClient() as http:
-                    return (await http.get(f"{self.url}/healthz")).status_code == 200
+                    return (await http.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200
             except httpx.HTTPError:
                 return False
 
-        await wait_for(healthy, timeout=120, what="the gateway")
+        await wait_for(healthy, timeout=120, what=f"the {name}")
 
     def kill(self, name: str) -> None:
         proc = self.pipeline.procs[name]
@@ -259,6 +262,40 @@ async def test_gateway_and_worker_sigkilled_mid_batch_still_answer_each_line_onc
     assert all(r["response"]["status_code"] == 200 for r in rows)
     log = (stack.pipeline.logs / "gateway.log").read_text()
     assert f"batch {batch_id}: resuming its job" in log
+
+
+async def test_another_gateway_takes_over_the_batch_of_a_gateway_that_died(stack: Stack) -> None:
+    """Two gateways on one database and home: the one that runs a batch (the one it was created
+    on, unless the other's sweep was quicker) is SIGKILLed, and the other's sweep takes its lease
+    and finishes it, one line per custom_id."""
+    ports = {"gateway": stack.port, "gateway-b": free_port()}
+    await stack.start_gateway("gateway-b", ports["gateway-b"])
+    logs = stack.pipeline.logs
+    try:
+        n = 30
+        lines = _lines(n, "takeover")
+        _, batch_id = await _submit(stack.client(), lines)
+        await _until(
+            stack, batch_id, lambda b: b.request_counts and b.request_counts.completed >= 4, what="answers"
+        )
+        started = f"batch {batch_id} (tenant {TENANT}): running it from validating"
+        runner = next(name for name in ports if started in (logs / f"{name}.log").read_text())
+        survivor = "gateway-b" if runner == "gateway" else "gateway"
+        stack.kill(runner)
+        stack.port = ports[survivor]
+        batch = await _until(stack, batch_id, lambda b: b.status == "completed")
+        assert batch.output_file_id and batch.request_counts and batch.request_counts.completed == n
+        ids = [r["custom_id"] for r in await _content(stack, batch.output_file_id)]
+        assert len(ids) == n and set(ids) == {line["custom_id"] for line in lines}, len(ids)
+        assert f"batch {batch_id}: resuming its job" in (logs / f"{survivor}.log").read_text()
+    finally:
+        b = stack.pipeline.procs.pop("gateway-b")
+        if b.poll() is None:
+            b.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(b.wait, 60)
+        stack.port = ports["gateway"]
+        if stack.pipeline.procs["gateway"].poll() is not None:
+            await stack.start_gateway()
 
 
 async def test_cancel_stops_the_rest_and_keeps_the_answers_so_far(stack: Stack) -> None:
