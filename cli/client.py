@@ -106,31 +106,19 @@ def bulk_submit(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Submit (or resume) a bulk job of a tenant and write its answers as they arrive."""
-    from producers.bulk.formats import count_items, detect_format
-    from producers.bulk.runner import BulkRunner
-    from producers.bulk.state import JobState, JobStore
+    from producers.bulk.runner import BulkRunner, open_job
+    from producers.bulk.state import JobStore
 
     s = tenant_settings(tenant)
     tenant = s.tenant
     store = JobStore(s.home, tenant)
     job_id = job or f"job-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    state = store.load(job_id)
-    if state is None:
-        state = JobState(
-            job_id=job_id,
-            input=str(file.resolve()),
-            output=str(out.resolve()),
-            input_format=detect_format(file) if fmt == "auto" else fmt,
-            tenant_id=tenant,
-            user_id=user,
-            total=count_items(file),
-        )
-    else:
-        if state.status == "cancelled":
-            store.clear_cancel(job_id)
-        if Path(state.output) != out.resolve():
-            err_console.print(f"[red]error:[/red] job {job_id} writes to {state.output}, not {out}")
-            raise typer.Exit(2)
+    try:
+        state, resumed = open_job(store, job_id, input=file, output=out, fmt=fmt, user=user)
+    except ValueError as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    if resumed:
         err_console.print(f"resuming job {job_id} ({state.status}, {state.answered} answered)")
     err_console.print(f"job [bold]{job_id}[/bold]: {state.total} questions → {state.output}")
     runner = BulkRunner(s, state, store, window=window, progress=progress, column=column, id_column=id_column)
@@ -217,7 +205,7 @@ def gateway(
     ),
 ) -> None:
     """Serve the OpenAI-compatible HTTP API: /v1/chat/completions, /v1/embeddings, /v1/models,
-    /healthz, /metrics."""
+    /v1/files and /v1/batches (with RAGBUS_GATEWAY_BATCHES=true), /healthz, /metrics."""
     import uvicorn
 
     from producers.gateway.app import create_app

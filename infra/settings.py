@@ -341,6 +341,27 @@ class GatewaySettings(BaseModel):
         description="How long a gateway keeps a tenant's limits before reading them again (a change by "
         "`ragbus tenants limits` holds everywhere within about this).",
     )
+    gateway_batches: bool = Field(
+        default=False,
+        description="Serve the Files and Batch API (/v1/files, /v1/batches): file rows, batches and their "
+        "locks in Postgres (migrated by `ragbus up`), file contents under <home>/files; gateways that share "
+        "batches share the database AND the home (a shared volume).",
+    )
+    gateway_batch_file_max_bytes: int = Field(
+        default=limits.BATCH_FILE_BYTES_MAX,
+        ge=1024,
+        le=limits.BATCH_FILE_BYTES_MAX,
+        description="Largest file POST /v1/files takes (bytes); larger uploads get 413.",
+    )
+    gateway_batch_window: int = Field(
+        default=64, ge=1, description="Requests of one batch in flight on the bulk lane at most."
+    )
+    gateway_batch_poll_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="How often a gateway saves a running batch's progress, looks for a cancel, and "
+        "looks for unfinished batches nobody runs (another gateway stopped) to take over.",
+    )
 
 
 #: The sections of Settings, in the order `ragbus config` shows them: each component reads its own

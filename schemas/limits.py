@@ -80,6 +80,16 @@ DEAD_LETTER_HEADERS_MAX = 64
 DEAD_LETTER_HEADER_VALUE_MAX = 8192
 DEAD_LETTER_KEY_MAX = 4096
 
+#: The Files and Batch API (OpenAI's own bounds): the largest file a tenant may upload (bytes; the
+#: gateway's setting may lower it), the requests one batch may hold, a file's name (characters), and
+#: a batch's metadata (keys, key and value characters).
+BATCH_FILE_BYTES_MAX = 200 * 1024 * 1024
+BATCH_REQUESTS_MAX = 50_000
+FILENAME_MAX = 256
+BATCH_METADATA_KEYS_MAX = 16
+BATCH_METADATA_KEY_MAX = 64
+BATCH_METADATA_VALUE_MAX = 512
+
 #: Appended to anything cut to a limit, so a reader knows it is not the whole value.
 CUT_MARK = "…[cut]"
 

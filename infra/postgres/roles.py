@@ -1,8 +1,9 @@
 """The least-privilege Postgres roles of ragbus: the audit sink may only add rows, the readers may
-only read them, the gateway may only read quota limits and add to quota counters; only migrations
-(and retention) act as the owner.
+only read them, the gateway may only read quota limits, add to quota counters and keep the Batch
+API's file and batch rows; only migrations (and retention) act as the owner.
 
-Migrations 0007 and 0008 create the roles (NOLOGIN) and grants what each needs; on the local server
+Migrations 0007 and 0008 create the roles (NOLOGIN) and grant what each needs (0009 adds the
+gateway's batch tables); on the local server
 `ragbus up` then gives them a login and a password generated once and kept 0600 under the home
 (`infra.secrets.postgres_password_path`), which `Settings.postgres_dsn_for` reads. An external
 server's administrator sets their passwords and names them in `pg_sink_dsn` / `pg_reader_dsn` /
@@ -22,7 +23,8 @@ if TYPE_CHECKING:
 SINK_ROLE = "ragbus_sink"
 #: May SELECT audit_log and its partitions.
 READER_ROLE = "ragbus_reader"
-#: May SELECT quota_limits and SELECT/INSERT/UPDATE quota_counters (the gateway's quotas).
+#: May SELECT quota_limits, SELECT/INSERT/UPDATE quota_counters (the gateway's quotas) and keep
+#: batch_files and batches (the Batch API; no DELETE of batches).
 GATEWAY_ROLE = "ragbus_gateway"
 ROLE_NAMES: dict[PgRole, str] = {"sink": SINK_ROLE, "reader": READER_ROLE, "gateway": GATEWAY_ROLE}
 

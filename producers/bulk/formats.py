@@ -250,9 +250,16 @@ def output_line(custom_id: str, response: ChatResponse | None, error: tuple[str,
 
 def answered_ids(path: Path) -> set[str]:
     """custom_ids already in an output file; a torn last line (crash mid-write) is cut off."""
+    return scan_output(path)[0]
+
+
+def scan_output(path: Path) -> tuple[set[str], int]:
+    """(custom_ids already in an output file, how many of those lines are errors); a torn last
+    line (a crash mid-write) is cut off, so a resumed job appends after whole lines only."""
     done: set[str] = set()
+    errors = 0
     if not path.exists():
-        return done
+        return done, errors
     good_end = 0
     with path.open("rb") as f:
         for raw in f:
@@ -263,8 +270,9 @@ def answered_ids(path: Path) -> set[str]:
             if not raw.endswith(b"\n"):
                 break
             done.add(obj["custom_id"])
+            errors += obj.get("error") is not None
             good_end += len(raw)
     if good_end != path.stat().st_size:
         with path.open("r+b") as f:
             f.truncate(good_end)
-    return done
+    return done, errors

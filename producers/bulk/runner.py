@@ -8,6 +8,10 @@ custom_id), so even a request sent twice is the same request to the pipeline, th
 line per custom_id, and two tenants choosing the same job and custom ids never share a request id
 (nor an answer, nor a response-cache entry keyed by it).
 
+`ragbus bulk submit` and the gateway's Batch API (producers/gateway/batches.py) run jobs the same
+way: `open_job` creates or resumes the job's state, `BulkRunner.run` runs it; a batch is a job
+whose id is the batch id.
+
 A job acts as its tenant (`settings.tenant`, which must be the job's): it writes to that tenant's
 bulk requests topic and reads that tenant's bulk responses topic only.
 """
@@ -31,10 +35,12 @@ from infra.settings import Settings
 from producers.bulk.formats import (
     BadLine,
     BulkItem,
-    answered_ids,
     build_request,
+    count_items,
+    detect_format,
     output_line,
     read_items,
+    scan_output,
 )
 from producers.bulk.state import JobState, JobStore
 from producers.replies import ReplyReader
@@ -50,6 +56,31 @@ def request_id_for(tenant: str, job_id: str, custom_id: str) -> str:
     """The request id of one item of a job: stable across resumes, distinct across tenants, jobs
     and custom ids (NUL cannot occur in a tenant or job name, so the fields cannot run together)."""
     return str(uuid.uuid5(_NS, f"{tenant}\x00{job_id}\x00{custom_id}"))
+
+
+def open_job(
+    store: JobStore, job_id: str, *, input: Path, output: Path, fmt: str, user: str
+) -> tuple[JobState, bool]:
+    """The job's state and whether it is a resume: a new job's state (counting its input), or the
+    stored one of the same id (its cancel mark cleared when it had been cancelled, so submitting
+    it again runs it on). Raises ValueError when a stored job writes to another output."""
+    state = store.load(job_id)
+    if state is None:
+        state = JobState(
+            job_id=job_id,
+            input=str(input.resolve()),
+            output=str(output.resolve()),
+            input_format=detect_format(input) if fmt == "auto" else fmt,
+            tenant_id=store.tenant,
+            user_id=user,
+            total=count_items(input),
+        )
+        return state, False
+    if Path(state.output) != output.resolve():
+        raise ValueError(f"job {job_id} writes to {state.output}, not {output}")
+    if state.status == "cancelled":
+        store.clear_cancel(job_id)
+    return state, True
 
 
 class BulkRunner:
@@ -89,6 +120,7 @@ class BulkRunner:
             fetch_max_wait_ms=100,
         )
         self._slots = asyncio.Condition()
+        self._cancel = False
         self._out: TextIO | None = None
         self._bar: tqdm | None = None  # type: ignore[type-arg]
 
@@ -96,7 +128,7 @@ class BulkRunner:
         state, store = self.state, self.store
         output = Path(state.output)
         output.parent.mkdir(parents=True, exist_ok=True)
-        self._done = answered_ids(output)
+        self._done, state.errors = scan_output(output)
         self._inflight = store.sent_ids(state.job_id) - self._done
         producer = make_producer(self.settings, client_id=f"ragbus-bulk-{state.job_id}")
         await producer.start()
@@ -125,7 +157,7 @@ class BulkRunner:
                 state.status = "cancelled"
             else:
                 await self._drain()
-                state.status = "cancelled" if store.cancel_requested(state.job_id) else "completed"
+                state.status = "cancelled" if self._cancelled() else "completed"
         except (asyncio.CancelledError, KeyboardInterrupt):
             state.status = "interrupted"
             raise
@@ -143,6 +175,21 @@ class BulkRunner:
             with contextlib.suppress(Exception):
                 await producer.stop()
         return state
+
+    @property
+    def answered(self) -> int:
+        """custom_ids answered so far (errors included): the job's progress, for whoever watches."""
+        return len(self._done)
+
+    def cancel(self) -> None:
+        """Stop sending further lines (as `JobStore.request_cancel` does, without the file): the
+        lines answered so far stay, and `run` returns with status `cancelled`."""
+        self._cancel = True
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing waits for a slot
+            asyncio.get_running_loop().create_task(self._release())
+
+    def _cancelled(self, check_store: bool = True) -> bool:
+        return self._cancel or (check_store and self.store.cancel_requested(self.state.job_id))
 
     async def _start_replies(self) -> None:
         """Read the responses from where the job first started (so answers to requests sent
@@ -172,7 +219,7 @@ class BulkRunner:
             Path(state.input), state.input_format, column=self.column, id_column=self.id_column
         )  # type: ignore[arg-type]
         for n, item in enumerate(items):
-            if n % 64 == 0 and self.store.cancel_requested(state.job_id):
+            if self._cancelled(check_store=n % 64 == 0):
                 await asyncio.gather(*pending)
                 return True
             if isinstance(item, BulkItem):
@@ -189,7 +236,10 @@ class BulkRunner:
                 continue
             cid = item.custom_id
             async with self._slots:
-                await self._slots.wait_for(lambda: len(self._inflight) < self.window)
+                await self._slots.wait_for(lambda: len(self._inflight) < self.window or self._cancel)
+            if self._cancel:
+                await asyncio.gather(*pending)
+                return True
             self._inflight.add(cid)
             self._expect(cid)
             fut = await producer.send(self.requests_topic, enc.value, key=enc.key, headers=enc.headers)
@@ -243,7 +293,7 @@ class BulkRunner:
     async def _drain(self) -> None:
         while self._inflight:
             self._replies.raise_if_failed()  # writing an answer failed (a full disk)
-            if self.store.cancel_requested(self.state.job_id):
+            if self._cancelled():
                 return
             await asyncio.sleep(0.2)
         self._out.flush()  # type: ignore[union-attr]

@@ -23,6 +23,9 @@ from infra.settings import Settings
 from infra.telemetry import setup_telemetry, tracer
 from producers.gateway import errors, metrics
 from producers.gateway.auth import ApiKeys, Principal
+from producers.gateway.batch_routes import FORM_OVERHEAD, add_batch_routes
+from producers.gateway.batch_store import BatchStore
+from producers.gateway.batches import BatchRunner
 from producers.gateway.embeddings import (
     EMBEDDING_ALIAS,
     EmbeddingService,
@@ -59,9 +62,10 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         400: "Invalid request: the body, a parameter ragbus does not support, or a bad header",
         401: "Missing or unknown API key",
         403: "The request is not allowed",
-        404: "The model is not served here",
+        404: "The model (or file, or batch of this key's tenant) is not here",
+        409: "The file is the input of an unfinished batch",
         413: "The body (or the event it makes) is too large",
-        415: "The body is not JSON",
+        415: "The body is not JSON (not multipart/form-data, for a file upload)",
         429: "Over a quota (requests/min, tokens/min, monthly tokens); `Retry-After` says when to retry",
         499: "The request was cancelled",
         500: "Internal error: the message gives the request id to look up in the log",
@@ -134,7 +138,7 @@ def create_app(
     if not len(keys):
         log.warning("no API keys configured (RAGBUS_GATEWAY_KEYS_FILE): every request will be refused")
     setup_telemetry(settings, "gateway")
-    state: dict[str, OpenAIServing] = {}
+    state: dict[str, Any] = {}
     embeddings = EmbeddingService(embedder, settings.embedding_model) if embedder is not None else None
 
     @asynccontextmanager
@@ -146,9 +150,18 @@ def create_app(
         state["serving"] = app.state.serving = OpenAIServing(
             clients, timeout=settings.gateway_timeout_s, models=served_models or list, quotas=quotas
         )
+        # Batches: rows and leases in Postgres; this gateway runs (and resumes) its tenants' batches.
+        batches = await BatchStore.open(settings) if settings.gateway_batches else None
+        if batches is not None:
+            state["batch_store"] = batches
+            state["batch_runner"] = runner = BatchRunner(settings, batches, keys.tenants)
+            await runner.start()
         try:
             yield
         finally:
+            if batches is not None:
+                await state["batch_runner"].stop()
+                await batches.close()
             await state["serving"].close()  # the cancels still going out use the tenants' clients
             await clients.stop()
             if quotas is not None:
@@ -159,7 +172,11 @@ def create_app(
     app = FastAPI(title="ragbus gateway", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     errors.install(app)
     # Outermost: the cap holds before routing, parsing or the API key check.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.gateway_max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.gateway_max_body_bytes,
+        streamed={"/v1/files": settings.gateway_batch_file_max_bytes + FORM_OVERHEAD},
+    )
     # Every tenant's chat requests topic has the same spec (any tenant name gives its limit).
     event_limit = max_event_bytes(
         settings.topics.tenant(settings.tenant).requests("chat"), settings.topic_prefix
@@ -303,6 +320,17 @@ def create_app(
         metrics.EMBEDDINGS.inc(len(body.input))
         return JSONResponse(to_response(body, embeddings.model_name, vectors, tokens).model_dump())
 
+    add_batch_routes(
+        app,
+        settings,
+        state=state,
+        principal=principal,
+        unauthorized=unauthorized,
+        invalid=invalid,
+        read_json=read_json,
+        errors=_errors,
+    )
+
     @app.get("/v1/models", response_model=ModelList, responses=_errors(*_ALWAYS, 401))
     async def models(request: Request) -> Response:
         if principal(request) is None:
@@ -349,6 +377,7 @@ def create_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     _with_body_schemas(app, ChatCompletionRequest, EmbeddingRequest)
+    _no_422(app)
     return app
 
 
@@ -362,3 +391,19 @@ def _disconnect_of(request: Request) -> Callable[[], Awaitable[None]]:
             pass
 
     return disconnected
+
+
+def _no_422(app: FastAPI) -> None:
+    """Drop FastAPI's automatic 422 from the OpenAPI document: the gateway answers a bad path or
+    query parameter with 400 in OpenAI's shape (errors.install), never 422."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]

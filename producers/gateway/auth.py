@@ -74,6 +74,11 @@ class ApiKeys:
     def __len__(self) -> int:
         return len(self._by_digest)
 
+    @property
+    def tenants(self) -> list[str]:
+        """The tenants the keys name (whose batches this gateway runs)."""
+        return sorted({p.tenant_id for p in self._by_digest.values()})
+
     def resolve(self, key: str | None) -> Principal | None:
         if not key:
             return None

@@ -22,9 +22,12 @@ class BodySizeLimit:
     Bodies within the cap are read here in full and replayed to the app, which would read them
     whole anyway (JSON cannot be parsed in pieces); the cap bounds that buffer."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, max_bytes: int, streamed: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        #: Paths whose handler streams the body to disk itself (file uploads), with their own cap:
+        #: a declared length over it is refused here; the handler counts a chunked body itself.
+        self.streamed = streamed or {}
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -33,6 +36,13 @@ class BodySizeLimit:
         declared = _content_length(scope)
         if declared == -1:
             await _refuse(send, 400, "the Content-Length header is not a number", "invalid_request_error")
+            return
+        cap = self.streamed.get(scope.get("path", ""))
+        if cap is not None:
+            if declared is not None and declared > cap:
+                await self._too_large(send, cap)
+                return
+            await self.app(scope, receive, send)
             return
         if declared is not None and declared > self.max_bytes:
             await self._too_large(send)
@@ -63,11 +73,11 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send: Any) -> None:
+    async def _too_large(self, send: Any, cap: int | None = None) -> None:
         await _refuse(
             send,
             413,
-            f"the request body is larger than {self.max_bytes} bytes",
+            f"the request body is larger than {cap or self.max_bytes} bytes",
             "invalid_request_error",
             "request_too_large",
         )
