@@ -181,6 +181,10 @@ class BulkRunner:
         """custom_ids answered so far (errors included): the job's progress, for whoever watches."""
         return len(self._done)
 
+    def in_flight(self) -> list[str]:
+        """The request ids sent and not answered yet (what a cancel of the job must also stop)."""
+        return [request_id_for(self.state.tenant_id, self.state.job_id, cid) for cid in self._inflight]
+
     def cancel(self) -> None:
         """Stop sending further lines (as `JobStore.request_cancel` does, without the file): the
         lines answered so far stay, and `run` returns with status `cancelled`."""

@@ -31,11 +31,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
+from aiokafka.errors import KafkaError
 
 from infra.secrets import as_tenant
 from infra.settings import Settings
 from producers.bulk.runner import BulkRunner, open_job
 from producers.bulk.state import JobStore
+from producers.cancel import cancel as cancel_requests
 from producers.gateway.batch_store import BatchLease, BatchStore
 from producers.openai.batches import BatchError, BatchErrors, BatchStatus
 from schemas import limits
@@ -277,6 +279,7 @@ class BatchRunner:
         )
         task = asyncio.create_task(runner.run(), name=f"ragbus-{batch_id}-job")
         status: BatchStatus = "in_progress"
+        cancelled = False
         try:
             while not task.done():
                 await asyncio.wait({task}, timeout=self.poll_s)
@@ -284,8 +287,15 @@ class BatchRunner:
                 status = await lease.progress(
                     total=state.total, completed=runner.answered - failed, failed=failed
                 )
-                if status == "cancelling":
+                if status == "cancelling" and not cancelled:
+                    # No more lines go out, and the requests on their way stop where they are: the
+                    # worker answers each `cancelled` between decode steps (or when it arrives).
                     runner.cancel()
+                    cancelled = True
+                    try:
+                        await cancel_requests(as_tenant(self.settings, tenant), runner.in_flight())
+                    except KafkaError as e:  # the lines still in flight are then answered in full
+                        log.warning("batch %s: could not cancel its requests in flight: %r", batch_id, e)
         finally:
             if not task.done():  # lost the lease (its connection) or stopping: leave it resumable
                 task.cancel()

@@ -28,8 +28,11 @@ from infra.postgres.roles import GATEWAY_ROLE, ensure_login_roles
 from infra.procs import free_port
 from infra.secrets import postgres_password_path, read_secret
 from infra.settings import Settings
+from producers.bulk.runner import request_id_for
+from producers.cancel import BATCH_CANCELLED
 from producers.gateway.batch_store import BatchLease, BatchStore
-from tests.helpers import spawn, wait_for
+from schemas import CancelRequest
+from tests.helpers import read_events, spawn, wait_for
 from tests.integration.pipeline_support import COMPONENTS, Pipeline, pipeline_settings, running_pipeline
 from tests.provision import KafkaService, PostgresService
 
@@ -330,6 +333,12 @@ async def test_cancel_stops_the_rest_and_keeps_the_answers_so_far(stack: Stack) 
     await asyncio.sleep(3)
     again = await stack.client().batches.retrieve(batch_id)
     assert again.status == "cancelled" and again.request_counts == batch.request_counts
+    # The lines on their way when the batch was cancelled were cancelled too (all 60 go out at
+    # once, a window of 64, so some were in flight), for the worker to stop between decode steps.
+    cancels = await read_events(stack.settings, stack.settings.topics.tenant(TENANT).cancel, CancelRequest)
+    mine = {c.request_id for c in cancels if c.reason == BATCH_CANCELLED}
+    lines = {request_id_for(TENANT, batch_id, f"cancel-{i:03d}") for i in range(n)}
+    assert mine and mine <= lines, cancels[:3]
 
 
 async def test_files_api_refusals(stack: Stack) -> None:
