@@ -68,16 +68,17 @@ async def pipeline_settings(
     the shared ones, and those of `tenants` and of the test tenants (`TEST_TENANTS`)."""
     test_id = unique("p")
     await create_database(postgres.dsn, test_id)
-    s = Settings(
-        kafka_bootstrap=kafka.bootstrap,
-        topic_prefix=test_id,
-        home=root / "home",
-        milvus_uri=os.environ.get("RAGBUS_TEST_MILVUS_URI") or str(root / "milvus.db"),
-        milvus_collection=f"c_{test_id}",
-        pg_dsn=SecretStr(postgres.dsn_for(test_id)),
-        _env_file=None,  # type: ignore[call-arg]
-        **{"kafka_partitions": 2, **kafka.client, **overrides},  # the broker's credentials, as in conftest
-    )
+    defaults: dict[str, Any] = {
+        "kafka_bootstrap": kafka.bootstrap,
+        "topic_prefix": test_id,
+        "kafka_partitions": 2,
+        "home": root / "home",
+        "milvus_uri": os.environ.get("RAGBUS_TEST_MILVUS_URI") or str(root / "milvus.db"),
+        "milvus_collection": f"c_{test_id}",
+        "pg_dsn": SecretStr(postgres.dsn_for(test_id)),
+        **kafka.client,  # the session broker's credentials, as in conftest
+    }
+    s = Settings(**{**defaults, **overrides}, _env_file=None)  # type: ignore[call-arg]
     await declare_topics(s, tenants=sorted({*TEST_TENANTS, *tenants}))
     return s
 
