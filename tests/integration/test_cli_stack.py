@@ -85,7 +85,7 @@ def test_up_status_kcat_down(stack_home: tuple[Path, dict[str, str]]) -> None:
 
     # Up again is a no-op that finds everything in place.
     again = _ragbus("up", env=env)
-    assert again.returncode == 0 and "0 created, 14 already there" in again.stdout
+    assert again.returncode == 0 and f"0 created, {UP_TOPICS} already there" in again.stdout
 
     down = _ragbus("down", env=env)
     assert down.returncode == 0
