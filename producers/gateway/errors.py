@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from producers.gateway.quota_windows import Exceeded
 from producers.openai.convert import common_param, loc_path
@@ -108,6 +109,17 @@ def internal_error_body(request_id: str) -> dict[str, Any]:
     return error_body(f"internal error (request id {request_id})", "internal_error")
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at the request's path. Starlette's 405 names only the first
+    route that matched the path, but a path may have one route per method (GET and POST
+    /v1/batches), and `Allow` must list them all (RFC 9110)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods or set()
+    return sorted(methods)
+
+
 def install(app: FastAPI) -> None:
     """Exception handlers: FastAPI's 422 and Starlette's HTTP errors in OpenAI's shape, and a
     catch-all 500 that says only which request id to look up in the log."""
@@ -117,12 +129,14 @@ def install(app: FastAPI) -> None:
         return invalid_request(exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         response = openai_error(exc.status_code, str(exc.detail), type_, code)
         for name, value in (exc.headers or {}).items():
             response.headers[name] = value
+        if exc.status_code == 405:
+            response.headers["Allow"] = ", ".join(allowed_methods(request))
         return response
 
     @app.exception_handler(Exception)

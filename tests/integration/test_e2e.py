@@ -246,9 +246,11 @@ async def test_bulk_job_interrupted_and_resumed_answers_each_line_once(pipeline:
 
         async def halfway() -> bool:
             assert first.poll() is None, log.read_text()
-            return out.exists() and len(out.read_text().splitlines()) >= n // 2
+            return out.exists() and len(out.read_text().splitlines()) >= n // 4
 
-        await wait_for(halfway, timeout=300, interval=0.2, what="half of the bulk job")
+        # A quarter: the interrupt must land while lines are still unsent (at half, a fast machine
+        # had sent them all, and the job ended complete before the SIGINT was handled).
+        await wait_for(halfway, timeout=300, interval=0.2, what="a quarter of the bulk job")
         first.send_signal(signal.SIGINT)
         code = await asyncio.to_thread(first.wait, 60)
     finally:
@@ -257,7 +259,7 @@ async def test_bulk_job_interrupted_and_resumed_answers_each_line_once(pipeline:
     assert code == 130, log.read_text()
     assert "resume with" in log.read_text()
     before = len(out.read_text().splitlines())
-    assert n // 2 <= before < n
+    assert n // 4 <= before < n
 
     code, _, err = await run_ragbus(s, *args, timeout=400)
     assert code == 0, err

@@ -30,6 +30,7 @@ from infra.kafka.security import (
 from infra.secrets import as_tenant, secrets_dir, tenant_password_path
 from infra.settings import Settings
 from schemas.tenants import tenant_acls, tenant_group_prefix, tenant_principal
+from schemas.topics import TENANT_TOPICS
 from tests.helpers import read_topic, wait_for
 
 AUTH_ERRORS = (TopicAuthorizationFailedError, GroupAuthorizationFailedError)
@@ -223,7 +224,7 @@ async def test_list_and_remove(settings: Settings, tenants: tuple[Settings, Sett
     found = await wait_for(
         lambda: _acme_ready(listed, expected), timeout=20, what="acme listed with its user and ACLs"
     )
-    assert found.has_user and found.password_stored and len(found.topics) == 7
+    assert found.has_user and found.password_stored and len(found.topics) == len(TENANT_TOPICS)
 
     removed = await remove_tenant(settings, "acme")
     assert removed.acls == expected and removed.user and removed.topics == []
@@ -240,7 +241,7 @@ async def test_list_and_remove(settings: Settings, tenants: tuple[Settings, Sett
         await admin.close()
 
     removed = await remove_tenant(settings, "acme", delete_topics=True)
-    assert len(removed.topics) == 7 and not removed.user
+    assert len(removed.topics) == len(TENANT_TOPICS) and not removed.user
 
 
 async def _acme_ready(listed, expected: int):  # type: ignore[no-untyped-def]
