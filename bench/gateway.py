@@ -8,6 +8,10 @@ question is a short generation (greedy, `--max-tokens`) and both ways do the sam
 alternate which goes first on each question, so drift (the machine's load, the model's caches)
 falls on both alike. `overhead = gateway e2e - bus client e2e` at the median and at p99.
 
+`/v1/embeddings` is served in-process by the gateway (the processors' model, on a worker thread):
+its cost is measured the same way against the raw model in this process (`SentenceTransformer.encode`
+of the same text, torch's default threads on both sides), one text per request, alternating.
+
 Usage:
     .venv/bin/python bench/gateway.py [--quick] [--questions N] [--max-tokens T]
 """
@@ -39,6 +43,7 @@ from infra.kafka.security import ensure_tenant
 from infra.procs import free_port
 from infra.secrets import as_tenant
 from infra.settings import Settings
+from processors.embedding import load_model
 from producers.client import ChatClient
 from tests.provision import kafka_service
 
@@ -70,8 +75,39 @@ async def via_bus(client: ChatClient, question: str, max_tokens: int) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-async def measure(s: Settings, url: str, args: argparse.Namespace) -> tuple[list[float], list[float]]:
-    """(gateway e2e ms, bus e2e ms) per question, in the order asked."""
+async def embeddings_pairs(http: httpx.AsyncClient, s: Settings, n: int) -> tuple[list[float], list[float]]:
+    """(gateway /v1/embeddings ms, raw encode ms) for `n` texts, one per request, alternating."""
+    model = await asyncio.to_thread(load_model, s.embedding_model)
+    gateway_ms: list[float] = []
+    raw_ms: list[float] = []
+
+    async def gateway(text: str) -> None:
+        started = time.perf_counter()
+        r = await http.post("/v1/embeddings", json={"input": text, "model": "ragbus-embed"})
+        gateway_ms.append((time.perf_counter() - started) * 1000)
+        if r.status_code != 200:
+            raise RuntimeError(f"gateway answered {r.status_code}: {r.text[:300]}")
+
+    async def raw(text: str) -> None:
+        started = time.perf_counter()
+        await asyncio.to_thread(model.encode, [text], normalize_embeddings=True)
+        raw_ms.append((time.perf_counter() - started) * 1000)
+
+    await gateway(QUESTIONS[0])  # the gateway loads its model on the first request
+    await raw(QUESTIONS[0])
+    for i in tqdm(range(n), unit="text", desc="embeddings: gateway vs raw"):
+        text = f"{QUESTIONS[i % len(QUESTIONS)]} (ref {uuid.uuid4().hex[:6]})"
+        first, second = (gateway, raw) if i % 2 == 0 else (raw, gateway)
+        await first(text)
+        await second(text)
+    return gateway_ms, raw_ms
+
+
+async def measure(
+    s: Settings, url: str, args: argparse.Namespace
+) -> tuple[list[float], list[float], list[float], list[float]]:
+    """(gateway e2e ms, bus e2e ms) per question, in the order asked, then (gateway, raw) ms per
+    embeddings request."""
     gateway_ms: list[float] = []
     bus_ms: list[float] = []
     headers = {"authorization": f"Bearer {KEY}"}
@@ -101,7 +137,8 @@ async def measure(s: Settings, url: str, args: argparse.Namespace) -> tuple[list
             else:
                 bus_ms.append(await via_bus(client, question, args.max_tokens))
                 gateway_ms.append(await via_gateway(http, question, args.max_tokens))
-    return gateway_ms, bus_ms
+        emb_gateway, emb_raw = await embeddings_pairs(http, s, args.questions)
+    return gateway_ms, bus_ms, emb_gateway, emb_raw
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -133,21 +170,30 @@ async def run(args: argparse.Namespace) -> None:
             for p in parts:
                 p.start()
             try:
-                gateway_ms, bus_ms = await measure(s, f"http://127.0.0.1:{port}", args)
+                gateway_ms, bus_ms, emb_gateway, emb_raw = await measure(s, f"http://127.0.0.1:{port}", args)
                 if not all(p.alive() for p in parts):
                     raise SystemExit(f"a component died during the run; see the logs in {work}")
             finally:
                 for p in parts:
                     p.stop()
-    report(gateway_ms, bus_ms)
+    report(gateway_ms, bus_ms, emb_gateway, emb_raw)
 
 
-def report(gateway_ms: list[float], bus_ms: list[float]) -> None:
+def report(
+    gateway_ms: list[float], bus_ms: list[float], emb_gateway: list[float], emb_raw: list[float]
+) -> None:
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     diffs = [g - b for g, b in zip(gateway_ms, bus_ms, strict=True)]
     print(f"\n{len(gateway_ms)} questions each way")
     print(f"{'ms':<28}{'p50':>9}{'p90':>9}{'p99':>9}{'mean':>9}")
-    for name, values in (("gateway e2e", gateway_ms), ("bus client e2e", bus_ms), ("per-pair diff", diffs)):
+    rows = (
+        ("gateway e2e", gateway_ms),
+        ("bus client e2e", bus_ms),
+        ("per-pair diff", diffs),
+        ("embeddings via gateway", emb_gateway),
+        ("embeddings raw encode", emb_raw),
+    )
+    for name, values in rows:
         print(
             f"{name:<28}{pct(values, 50):>9.1f}{pct(values, 90):>9.1f}{pct(values, 99):>9.1f}"
             f"{statistics.fmean(values):>9.1f}"
@@ -156,7 +202,9 @@ def report(gateway_ms: list[float], bus_ms: list[float]) -> None:
     p99 = pct(gateway_ms, 99) - pct(bus_ms, 99)
     print(
         f"RESULT gateway_overhead_p50_ms={p50:.1f} gateway_overhead_p99_ms={p99:.1f} "
-        f"gateway_e2e_p50_ms={pct(gateway_ms, 50):.1f} bus_e2e_p50_ms={pct(bus_ms, 50):.1f}",
+        f"gateway_e2e_p50_ms={pct(gateway_ms, 50):.1f} bus_e2e_p50_ms={pct(bus_ms, 50):.1f} "
+        f"embeddings_overhead_p50_ms={pct(emb_gateway, 50) - pct(emb_raw, 50):.1f} "
+        f"embeddings_gateway_p50_ms={pct(emb_gateway, 50):.1f} embeddings_raw_p50_ms={pct(emb_raw, 50):.1f}",
         flush=True,
     )
 
