@@ -89,7 +89,12 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 def spawn(args: list[str], settings: Settings, log_path: Any, **extra_env: str) -> Any:
-    """Start `ragbus <args>` as a child process (its own process group) logging to `log_path`."""
+    """Start `ragbus <args>` as a child process (its own process group) logging to `log_path`.
+
+    SIGINT is reset to its default in the child: a test run started in the background by a
+    non-interactive shell (as a CI script may be) inherits SIGINT ignored, and Python then never
+    turns the tests' SIGINT into the KeyboardInterrupt a user's Ctrl-C gives."""
+    import signal
     import subprocess
     import sys
 
@@ -101,6 +106,7 @@ def spawn(args: list[str], settings: Settings, log_path: Any, **extra_env: str) 
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
