@@ -90,5 +90,8 @@ class ComponentProcess:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise RuntimeError(f"`ragbus {' '.join(self.args)}` did not stop; see {self.log_path}") from None
-        if code != 0:
+        # uvicorn (the gateway) shuts down gracefully on SIGTERM and then re-raises the signal, so
+        # the gateway's clean exit reads as -SIGTERM.
+        clean = (0, -signal.SIGTERM) if self.args[0] == "gateway" else (0,)
+        if code not in clean:
             raise RuntimeError(f"`ragbus {' '.join(self.args)}` exited with {code}; see {self.log_path}")

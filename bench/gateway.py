@@ -95,6 +95,8 @@ async def embeddings_pairs(http: httpx.AsyncClient, s: Settings, n: int) -> tupl
 
     await gateway(QUESTIONS[0])  # the gateway loads its model on the first request
     await raw(QUESTIONS[0])
+    gateway_ms.clear()  # the warm-ups are not measured
+    raw_ms.clear()
     for i in tqdm(range(n), unit="text", desc="embeddings: gateway vs raw"):
         text = f"{QUESTIONS[i % len(QUESTIONS)]} (ref {uuid.uuid4().hex[:6]})"
         first, second = (gateway, raw) if i % 2 == 0 else (raw, gateway)
