@@ -356,6 +356,13 @@ class GatewaySettings(BaseModel):
     gateway_batch_window: int = Field(
         default=64, ge=1, description="Requests of one batch in flight on the bulk lane at most."
     )
+    gateway_batch_expiry_s: float = Field(
+        default=86400.0,
+        gt=0,
+        description="How long a batch may take from its creation (OpenAI's completion_window, 24h): one "
+        "not finished by then ends `expired`, its answers so far in the output file and its other lines "
+        "in the error file as `batch_expired`.",
+    )
     gateway_batch_poll_s: float = Field(
         default=2.0,
         gt=0,

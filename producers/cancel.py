@@ -24,6 +24,8 @@ from schemas import CancelRequest, Lane
 #: The reasons ragbus itself gives (any short text is valid).
 CLIENT_DISCONNECTED = "client_disconnected"
 BATCH_CANCELLED = "batch_cancelled"
+#: A batch ran past its completion window: its lines in flight stop.
+BATCH_EXPIRED = "batch_expired"
 #: The gateway stopped waiting (its timeout, or the stream failed): nobody reads the answer.
 GATEWAY_GAVE_UP = "gateway_gave_up"
 

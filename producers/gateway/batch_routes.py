@@ -14,6 +14,7 @@ import contextlib
 import unicodedata
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -286,6 +287,7 @@ def add_batch_routes(
             input_file_id=body.input_file_id,
             completion_window=body.completion_window,
             metadata=body.metadata,
+            expires_in=timedelta(seconds=settings.gateway_batch_expiry_s),
         )
         runner: BatchRunner = state["batch_runner"]
         runner.kick(batch.id)

@@ -29,8 +29,6 @@ from producers.openai.batches import (
 
 #: The advisory-lock namespace of batches (hashed with the id to the lock's 64-bit key).
 _LOCK_NS = "ragbus.batch:"
-#: OpenAI's only completion window.
-WINDOW = timedelta(hours=24)
 
 
 def _ts(value: datetime | None) -> int | None:
@@ -64,6 +62,7 @@ def batch_object(row: asyncpg.Record) -> Batch:
         finalizing_at=_ts(row["finalizing_at"]),
         completed_at=_ts(row["completed_at"]),
         failed_at=_ts(row["failed_at"]),
+        expired_at=_ts(row["expired_at"]),
         cancelling_at=_ts(row["cancelling_at"]),
         cancelled_at=_ts(row["cancelled_at"]),
         request_counts=BatchRequestCounts(
@@ -79,6 +78,7 @@ _STAMP: dict[str, str] = {
     "finalizing": "finalizing_at",
     "completed": "completed_at",
     "failed": "failed_at",
+    "expired": "expired_at",
     "cancelling": "cancelling_at",
     "cancelled": "cancelled_at",
 }
@@ -179,7 +179,9 @@ class BatchStore:
         input_file_id: str,
         completion_window: str,
         metadata: dict[str, str] | None,
+        expires_in: timedelta,
     ) -> Batch:
+        """A new batch, `validating`, to be finished within `expires_in` of now (then `expired`)."""
         row = await self.pool.fetchrow(
             """INSERT INTO batches (id, tenant, user_id, endpoint, input_file_id, completion_window,
                                     status, metadata, expires_at)
@@ -191,7 +193,7 @@ class BatchStore:
             input_file_id,
             completion_window,
             json.dumps(metadata) if metadata is not None else None,
-            datetime.now(UTC) + WINDOW,
+            datetime.now(UTC) + expires_in,
         )
         assert row is not None
         return batch_object(row)

@@ -3,13 +3,16 @@ as `ragbus bulk submit`) whose job id is the batch id, run as a background task 
 that holds the batch's lease (producers/gateway/batch_store.py).
 
 A batch goes validating → in_progress → finalizing → completed (or failed at validation, or
-cancelling → cancelled). Validating checks what would make the batch meaningless as a whole (lines
-that are not JSON objects with a custom_id, a custom_id twice, too many lines); a line whose body
-the contract refuses is the runner's business and is answered in the error file. In progress, the
-runner sends the lines on the tenant's bulk lane and appends one result line per custom_id to the
-batch's results file; the request counts are saved every `gateway_batch_poll_s`, and a cancel (set
-by any gateway) is seen then. Finalizing splits the results into the output file (answers) and
-the error file (errors) — idempotent, so a gateway that dies while finalizing leaves it to the next.
+cancelling → cancelled, or expired when its completion window, `gateway_batch_expiry_s` from its
+creation, ends first: the answers so far go to the output file, every other line to the error file
+as `batch_expired`, and the lines in flight are cancelled). Validating checks what would make the
+batch meaningless as a whole (lines that are not JSON objects with a custom_id, a custom_id twice,
+too many lines); a line whose body the contract refuses is the runner's business and is answered in
+the error file. In progress, the runner sends the lines on the tenant's bulk lane and appends one
+result line per custom_id to the batch's results file; the request counts are saved every
+`gateway_batch_poll_s`, and a cancel (set by any gateway) is seen then. Finalizing splits the
+results into the output file (answers) and the error file (errors) — idempotent, so a gateway that
+dies while finalizing leaves it to the next.
 
 Durability: the results file, the job's state and the ids it sent live under the home; the
 batch's status and counts in Postgres. A gateway killed mid-batch loses only its lease; the next
@@ -28,6 +31,7 @@ import re
 import time
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -35,8 +39,10 @@ from aiokafka.errors import KafkaError
 
 from infra.secrets import as_tenant
 from infra.settings import Settings
+from producers.bulk.formats import output_line, scan_output
 from producers.bulk.runner import BulkRunner, open_job
 from producers.bulk.state import JobStore
+from producers.cancel import BATCH_CANCELLED, BATCH_EXPIRED
 from producers.cancel import cancel as cancel_requests
 from producers.gateway.batch_store import BatchLease, BatchStore
 from producers.openai.batches import BatchError, BatchErrors, BatchStatus
@@ -140,6 +146,36 @@ def validate_input(path: Path, max_requests: int = limits.BATCH_REQUESTS_MAX) ->
     return total, errors
 
 
+def expire_unanswered(source: Path, results: Path) -> int:
+    """Append a `batch_expired` error line to `results` for each custom_id of the input with no line
+    there yet (fsynced); returns how many. Idempotent: a second run after a crash finds them all
+    answered (a torn last line is cut first); an input file deleted since adds none. Blocking: run
+    it off the event loop."""
+    if not source.exists():
+        return 0
+    answered, _ = scan_output(results)
+    missing: list[str] = []
+    with source.open("rb") as f:
+        for raw in f:
+            if not raw.strip():
+                continue
+            with contextlib.suppress(orjson.JSONDecodeError):
+                obj = orjson.loads(raw)
+                cid = obj.get("custom_id") if isinstance(obj, dict) else None
+                if isinstance(cid, str) and cid and cid not in answered:
+                    answered.add(cid)
+                    missing.append(cid)
+    if missing:
+        results.parent.mkdir(parents=True, exist_ok=True)
+        message = "the batch's completion window ended before this request was answered"
+        with results.open("a", encoding="utf-8") as out:
+            for cid in missing:
+                out.write(output_line(cid, None, (BATCH_EXPIRED, message)) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+    return len(missing)
+
+
 def split_results(results: Path, output: Path, errors: Path) -> tuple[int, int]:
     """Write a results file's answers to `output` and its error lines to `errors` (each written
     whole and fsynced, then renamed, so a second run after a crash writes the same files);
@@ -221,7 +257,14 @@ class BatchRunner:
             row = await lease.row()
             if row["status"] in ("validating", "in_progress", "finalizing", "cancelling"):
                 log.info("batch %s (tenant %s): running it from %s", batch_id, row["tenant"], row["status"])
-                await self._execute(lease, row["tenant"], row["user_id"], row["input_file_id"], row["status"])
+                await self._execute(
+                    lease,
+                    row["tenant"],
+                    row["user_id"],
+                    row["input_file_id"],
+                    row["status"],
+                    row["expires_at"],
+                )
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -238,10 +281,20 @@ class BatchRunner:
             self._running.pop(batch_id, None)
 
     async def _execute(
-        self, lease: BatchLease, tenant: str, user: str, input_file_id: str, status: BatchStatus
+        self,
+        lease: BatchLease,
+        tenant: str,
+        user: str,
+        input_file_id: str,
+        status: BatchStatus,
+        expires_at: datetime,
     ) -> None:
         home = self.settings.home
         source = file_path(home, tenant, input_file_id)
+        if status in ("validating", "in_progress") and datetime.now(UTC) >= expires_at:
+            # Past its window before it (again) ran: nobody ran it in time (every gateway down).
+            await self._expire(lease, tenant, source)
+            return
         if status == "validating":
             if not source.exists():
                 await lease.set_status(
@@ -259,11 +312,17 @@ class BatchRunner:
                 return
             status = await lease.set_status("in_progress", total=total)
         if status == "in_progress":
-            status = await self._run_job(lease, tenant, user, source)
+            status = await self._run_job(lease, tenant, user, source, expires_at)
+        if status == "expired":
+            await self._expire(lease, tenant, source)
+            return
         await self._finalize(lease, tenant, cancelled=status == "cancelling")
 
-    async def _run_job(self, lease: BatchLease, tenant: str, user: str, source: Path) -> BatchStatus:
-        """Run (or resume) the batch's bulk job; the status it ends in (in_progress or cancelling)."""
+    async def _run_job(
+        self, lease: BatchLease, tenant: str, user: str, source: Path, expires_at: datetime
+    ) -> BatchStatus:
+        """Run (or resume) the batch's bulk job; the status it ends in (in_progress, cancelling, or
+        expired when its window ended first)."""
         batch_id = lease.batch_id
         store = JobStore(self.settings.home, tenant)
         results = results_path(self.settings.home, tenant, batch_id)
@@ -279,21 +338,30 @@ class BatchRunner:
         )
         task = asyncio.create_task(runner.run(), name=f"ragbus-{batch_id}-job")
         status: BatchStatus = "in_progress"
-        cancelled = False
+        stopped: BatchStatus | None = None
         try:
             while not task.done():
-                await asyncio.wait({task}, timeout=self.poll_s)
+                # Wake at the window's end too, unless already stopping (then only the job's end).
+                left = (expires_at - datetime.now(UTC)).total_seconds()
+                wait = self.poll_s if stopped else max(0.0, min(self.poll_s, left))
+                await asyncio.wait({task}, timeout=wait)
                 failed = state.errors
                 status = await lease.progress(
                     total=state.total, completed=runner.answered - failed, failed=failed
                 )
-                if status == "cancelling" and not cancelled:
+                if status != "cancelling" and datetime.now(UTC) >= expires_at:
+                    status = "expired"
+                if status in ("cancelling", "expired") and stopped is None:
                     # No more lines go out, and the requests on their way stop where they are: the
                     # worker answers each `cancelled` between decode steps (or when it arrives).
                     runner.cancel()
-                    cancelled = True
+                    stopped = status
+                    reason = BATCH_EXPIRED if status == "expired" else BATCH_CANCELLED
+                    log.info("batch %s: %s, stopping its job", batch_id, status)
                     try:
-                        await cancel_requests(as_tenant(self.settings, tenant), runner.in_flight())
+                        await cancel_requests(
+                            as_tenant(self.settings, tenant), runner.in_flight(), reason=reason
+                        )
                     except KafkaError as e:  # the lines still in flight are then answered in full
                         log.warning("batch %s: could not cancel its requests in flight: %r", batch_id, e)
         finally:
@@ -302,12 +370,25 @@ class BatchRunner:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         final = task.result()
-        return "cancelling" if final.status == "cancelled" else status
+        if final.status == "cancelled":
+            return stopped or "cancelling"  # `cancelled` by the store's flag: a batch's is `cancelling`
+        return status if status != "expired" else "in_progress"  # it finished as its window ended
 
-    async def _finalize(self, lease: BatchLease, tenant: str, *, cancelled: bool) -> None:
+    async def _expire(self, lease: BatchLease, tenant: str, source: Path) -> None:
+        """End the batch `expired`: its unanswered lines become `batch_expired` errors, then the
+        files are split as for a finished batch."""
+        results = results_path(self.settings.home, tenant, lease.batch_id)
+        expired = await asyncio.to_thread(expire_unanswered, source, results)
+        log.info("batch %s: its completion window ended; %d lines not answered", lease.batch_id, expired)
+        await self._finalize(lease, tenant, cancelled=False, ending="expired")
+
+    async def _finalize(
+        self, lease: BatchLease, tenant: str, *, cancelled: bool, ending: BatchStatus = "completed"
+    ) -> None:
         batch_id = lease.batch_id
-        if not cancelled:
+        if not cancelled and ending == "completed":
             cancelled = await lease.set_status("finalizing") == "cancelling"
+        final: BatchStatus = "cancelled" if cancelled else ending
         home = self.settings.home
         files_dir(home, tenant).mkdir(parents=True, exist_ok=True)
         out_id, err_id = result_file_id(batch_id, "output"), result_file_id(batch_id, "error")
@@ -323,7 +404,7 @@ class BatchRunner:
             await self.store.add_file(err_id, tenant, "batch_output", f"{batch_id}_error.jsonl", size)
         row = await lease.row()
         await lease.set_status(
-            "cancelled" if cancelled else "completed",
+            final,
             total=row["total"] if cancelled else max(row["total"], answered + failed),
             completed=answered,
             failed=failed,
@@ -333,7 +414,7 @@ class BatchRunner:
         log.info(
             "batch %s %s: %d answered, %d failed",
             batch_id,
-            "cancelled" if cancelled else "completed",
+            final,
             answered,
             failed,
         )

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from schemas import limits
 
-#: OpenAI's batch statuses ('expired' is listed for clients; ragbus does not expire batches).
+#: OpenAI's batch statuses.
 BatchStatus = Literal[
     "validating", "in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled"
 ]

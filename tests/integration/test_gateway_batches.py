@@ -2,7 +2,8 @@
 (batches on, on the gateway's own least-privilege Postgres role) in front of the real processors
 and worker: a batch runs to `completed` with one output line per custom_id (an invalid line in
 the error file); the gateway AND the worker SIGKILLed mid-batch and restarted still give exactly
-one line per custom_id; a cancel stops the rest; another tenant's key sees none of it."""
+one line per custom_id; a cancel stops the rest; a batch past its window expires; another tenant's
+key sees none of it."""
 
 from __future__ import annotations
 
@@ -64,10 +65,10 @@ class Stack:
     def client(self, key: str = KEY) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60)
 
-    async def start_gateway(self, name: str = "gateway", port: int | None = None) -> None:
+    async def start_gateway(self, name: str = "gateway", port: int | None = None, **env: str) -> None:
         p = self.pipeline
         port = port or self.port
-        proc = spawn(["gateway", "--port", str(port)], self.settings, p.logs / f"{name}.log")
+        proc = spawn(["gateway", "--port", str(port)], self.settings, p.logs / f"{name}.log", **env)
         p.procs[name] = proc
         if name == "gateway":
             self.gateway = proc
@@ -339,6 +340,43 @@ async def test_cancel_stops_the_rest_and_keeps_the_answers_so_far(stack: Stack) 
     mine = {c.request_id for c in cancels if c.reason == BATCH_CANCELLED}
     lines = {request_id_for(TENANT, batch_id, f"cancel-{i:03d}") for i in range(n)}
     assert mine and mine <= lines, cancels[:3]
+
+
+async def test_a_batch_past_its_window_expires_with_every_line_answered_or_expired_once(stack: Stack) -> None:
+    """A batch created on a gateway whose completion window is 12 s (`gateway_batch_expiry_s`;
+    OpenAI's is 24 h) and too long to finish in it ends `expired`: the answers so far in the output
+    file, every other line once in the error file as `batch_expired`, the counts adding up."""
+    ports = {"gateway": stack.port, "gateway-x": free_port()}
+    await stack.start_gateway("gateway-x", ports["gateway-x"], RAGBUS_GATEWAY_BATCH_EXPIRY_S="12")
+    stack.port = ports["gateway-x"]
+    try:
+        n = 400
+        lines = _lines(n, "expire")
+        _, batch_id = await _submit(stack.client(), lines)
+        created = await stack.client().batches.retrieve(batch_id)
+        assert created.expires_at is not None and created.expires_at - created.created_at in (12, 13)
+        batch = await _until(stack, batch_id, lambda b: b.status == "expired", timeout=120)
+        assert batch.expired_at and batch.request_counts is not None
+        counts = batch.request_counts
+        assert counts.total == n and counts.completed + counts.failed == n and counts.failed > 0, counts
+        answered = await _content(stack, batch.output_file_id) if batch.output_file_id else []
+        assert len(answered) == counts.completed
+        assert all(r["response"]["status_code"] == 200 for r in answered)
+        assert batch.error_file_id
+        expired = await _content(stack, batch.error_file_id)
+        assert {e["error"]["code"] for e in expired} == {"batch_expired"}, expired[:2]
+        ids = [r["custom_id"] for r in answered + expired]
+        assert len(ids) == n and set(ids) == {line["custom_id"] for line in lines}, len(ids)
+        # An expired batch stays expired: nothing more is answered later.
+        await asyncio.sleep(3)
+        again = await stack.client().batches.retrieve(batch_id)
+        assert again.status == "expired" and again.request_counts == counts
+    finally:
+        x = stack.pipeline.procs.pop("gateway-x")
+        if x.poll() is None:
+            x.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(x.wait, 60)
+        stack.port = ports["gateway"]
 
 
 async def test_files_api_refusals(stack: Stack) -> None:

@@ -18,7 +18,13 @@ from producers.bulk.runner import open_job
 from producers.bulk.state import JobStore
 from producers.gateway.app import create_app
 from producers.gateway.auth import ApiKeys, Principal
-from producers.gateway.batches import file_path, result_file_id, split_results, validate_input
+from producers.gateway.batches import (
+    expire_unanswered,
+    file_path,
+    result_file_id,
+    split_results,
+    validate_input,
+)
 from producers.gateway.multipart import MultipartError, boundary_of, parse_file, parse_parts
 from producers.openai.batches import CreateBatchRequest
 from schemas import limits
@@ -111,6 +117,30 @@ def test_results_split_into_output_and_error_files_the_same_way_twice(tmp_path: 
     assert not errs.exists()  # no error file when there is no error
     assert split_results(tmp_path / "missing.jsonl", out, errs) == (0, 0)
     assert not out.exists()
+
+
+def test_an_expired_batchs_unanswered_lines_become_batch_expired_errors_once(tmp_path: Path) -> None:
+    """Each input custom_id without a result line gets one `batch_expired` error line; answered ones
+    and lines without a custom_id get none; a torn last line is cut first; a second run adds none."""
+    source = _write(
+        tmp_path / "in.jsonl",
+        json.dumps({"custom_id": "a", "body": {}}),
+        json.dumps({"custom_id": "b", "body": {}}),
+        "not json",
+        json.dumps({"no_id": 1}),
+        json.dumps({"custom_id": "c", "body": {}}),
+    )
+    ok = {"custom_id": "a", "response": {"status_code": 200}, "error": None}
+    results = tmp_path / "r.jsonl"
+    results.write_text(json.dumps(ok) + "\n" + '{"custom_id": "b", "resp')  # b's line torn by a crash
+    for expected in (2, 0):
+        assert expire_unanswered(source, results) == expected
+    rows = [json.loads(x) for x in results.read_text().splitlines()]
+    assert [r["custom_id"] for r in rows] == ["a", "b", "c"]
+    assert [r["error"]["code"] for r in rows[1:]] == ["batch_expired", "batch_expired"]
+    assert rows[1]["response"] is None and "completion window" in rows[1]["error"]["message"]
+    assert split_results(results, tmp_path / "out.jsonl", tmp_path / "err.jsonl") == (1, 2)
+    assert expire_unanswered(tmp_path / "deleted.jsonl", results) == 0
 
 
 def test_the_create_body_takes_openais_fields_and_refuses_others() -> None:
