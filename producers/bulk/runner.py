@@ -32,6 +32,7 @@ from tqdm import tqdm
 from infra.kafka.clients import make_producer
 from infra.kafka.codec import Encoded, encode
 from infra.settings import Settings
+from producers.bulk.admission import Admission, LineRefused
 from producers.bulk.formats import (
     BadLine,
     BulkItem,
@@ -44,7 +45,7 @@ from producers.bulk.formats import (
 )
 from producers.bulk.state import JobState, JobStore
 from producers.replies import ReplyReader
-from schemas import ChatResponse
+from schemas import ChatRequest, ChatResponse
 from schemas.topics import max_event_bytes
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,10 @@ class BulkRunner:
         progress: bool = True,
         column: str | None = None,
         id_column: str | None = None,
+        admission: Admission | None = None,
     ) -> None:
+        """`admission`: asked before each line goes out (the Batch API's quotas); None: no limit
+        but the window."""
         if state.tenant_id != settings.tenant:
             raise ValueError(
                 f"job {state.job_id} belongs to tenant {state.tenant_id!r}; run it as that tenant "
@@ -107,6 +111,10 @@ class BulkRunner:
         self.progress = progress
         self.column = column
         self.id_column = id_column
+        self.admission = admission
+        #: Admission holds of the lines in flight, settled with their answers (by custom_id).
+        self._holds: dict[str, Any] = {}
+        self._settling: set[asyncio.Task[None]] = set()
         topics = settings.topics.tenant(state.tenant_id)
         self.topic = topics.responses("bulk")
         self.requests_topic = topics.requests("bulk")
@@ -167,6 +175,8 @@ class BulkRunner:
         finally:
             with contextlib.suppress(Exception):
                 await self._replies.stop()
+            if self._settling:  # the answers' quota settlements still on their way
+                await asyncio.wait(set(self._settling), timeout=10)
             self._out.close()
             self._bar.close()
             state.answered = len(self._done)
@@ -214,6 +224,11 @@ class BulkRunner:
         if custom_id not in self._done:
             self._write(custom_id, response)
             self._out.flush()  # type: ignore[union-attr]
+        hold = self._holds.pop(custom_id, None)
+        if hold is not None and self.admission is not None:
+            task = asyncio.get_running_loop().create_task(self.admission.settle(hold, response))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
 
     async def _send_all(self, producer: Any, sent_log: TextIO) -> bool:
         """Send every unanswered item; True when the job was cancelled."""
@@ -230,7 +245,7 @@ class BulkRunner:
                 if item.custom_id in self._done or item.custom_id in self._inflight:
                     continue
                 try:
-                    enc = self._encode(item)
+                    request, enc = self._encode(item)
                 except BadLine as bad:
                     item = bad
             if isinstance(item, BadLine):
@@ -244,6 +259,16 @@ class BulkRunner:
             if self._cancel:
                 await asyncio.gather(*pending)
                 return True
+            if self.admission is not None:
+                try:
+                    hold = await self.admission.admit(request, lambda: self._cancel)
+                except LineRefused as refused:
+                    self._write(cid, None, (refused.code, str(refused)))
+                    continue
+                if hold is None:  # stopped while it waited
+                    await asyncio.gather(*pending)
+                    return True
+                self._holds[cid] = hold
             self._inflight.add(cid)
             self._expect(cid)
             fut = await producer.send(self.requests_topic, enc.value, key=enc.key, headers=enc.headers)
@@ -257,8 +282,8 @@ class BulkRunner:
         sent_log.flush()
         return False
 
-    def _encode(self, item: BulkItem) -> Encoded:
-        """The item as an encoded bulk-lane request; raises BadLine when the contract refuses it
+    def _encode(self, item: BulkItem) -> tuple[ChatRequest, Encoded]:
+        """The item as a bulk-lane request and its encoding; raises BadLine when the contract refuses it
         (a field too long, bad sampling values) or it is larger than the requests topic accepts."""
         request = build_request(
             item,
@@ -275,7 +300,7 @@ class BulkRunner:
                 f"{self._max_bytes} (shorten the messages)",
                 "messages",
             )
-        return enc
+        return request, enc
 
     def _write(
         self, custom_id: str, response: ChatResponse | None, error: tuple[str, str] | None = None

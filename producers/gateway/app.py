@@ -154,7 +154,7 @@ def create_app(
         batches = await BatchStore.open(settings) if settings.gateway_batches else None
         if batches is not None:
             state["batch_store"] = batches
-            state["batch_runner"] = runner = BatchRunner(settings, batches, keys.tenants)
+            state["batch_runner"] = runner = BatchRunner(settings, batches, keys.tenants, quotas)
             await runner.start()
         try:
             yield

@@ -44,7 +44,9 @@ from producers.bulk.runner import BulkRunner, open_job
 from producers.bulk.state import JobStore
 from producers.cancel import BATCH_CANCELLED, BATCH_EXPIRED
 from producers.cancel import cancel as cancel_requests
+from producers.gateway.batch_quotas import QuotaAdmission
 from producers.gateway.batch_store import BatchLease, BatchStore
+from producers.gateway.quotas import QuotaStore
 from producers.openai.batches import BatchError, BatchErrors, BatchStatus
 from schemas import limits
 
@@ -213,9 +215,17 @@ class BatchRunner:
     """The gateway's batches: runs those it holds the lease of, sweeps for unfinished ones of its
     tenants (at start, then every few polls) and resumes them."""
 
-    def __init__(self, settings: Settings, store: BatchStore, tenants: Sequence[str]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: BatchStore,
+        tenants: Sequence[str],
+        quotas: QuotaStore | None = None,
+    ) -> None:
+        """`quotas`: charge each line to its tenant's quotas (producers/gateway/batch_quotas.py)."""
         self.settings = settings
         self.store = store
+        self.quotas = quotas
         self.tenants = sorted(set(tenants))
         self.poll_s = settings.gateway_batch_poll_s
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -335,6 +345,9 @@ class BatchRunner:
             store,
             window=self.settings.gateway_batch_window,
             progress=False,
+            admission=None
+            if self.quotas is None
+            else QuotaAdmission(self.quotas, tenant, user, retry_s=self.poll_s),
         )
         task = asyncio.create_task(runner.run(), name=f"ragbus-{batch_id}-job")
         status: BatchStatus = "in_progress"

@@ -2,8 +2,8 @@
 (batches on, on the gateway's own least-privilege Postgres role) in front of the real processors
 and worker: a batch runs to `completed` with one output line per custom_id (an invalid line in
 the error file); the gateway AND the worker SIGKILLed mid-batch and restarted still give exactly
-one line per custom_id; a cancel stops the rest; a batch past its window expires; another tenant's
-key sees none of it."""
+one line per custom_id; a cancel stops the rest; a batch past its window expires; a batch's lines
+are charged to its tenant's quota; another tenant's key sees none of it."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from producers.bulk.runner import request_id_for
 from producers.cancel import BATCH_CANCELLED
 from producers.gateway.batch_store import BatchLease, BatchStore
 from schemas import CancelRequest
-from tests.helpers import read_events, spawn, wait_for
+from tests.helpers import read_events, run_ragbus, spawn, wait_for
 from tests.integration.pipeline_support import COMPONENTS, Pipeline, pipeline_settings, running_pipeline
 from tests.provision import KafkaService, PostgresService
 
@@ -377,6 +377,43 @@ async def test_a_batch_past_its_window_expires_with_every_line_answered_or_expir
             x.send_signal(signal.SIGTERM)
             await asyncio.to_thread(x.wait, 60)
         stack.port = ports["gateway"]
+
+
+async def test_a_batchs_lines_are_charged_to_its_tenants_quota(stack: Stack) -> None:
+    """The gateway restarted with quotas on and the tenant's monthly budget at 300 tokens: a batch
+    of 30 answers lines while the budget lasts, then answers the rest `quota_exceeded` in the error
+    file, each line once; `ragbus usage` counts exactly the answered lines' tokens."""
+    s = stack.settings
+    budget = 300
+    code, _, err = await run_ragbus(s, "tenants", "limits", TENANT, "--monthly-tokens", str(budget))
+    assert code == 0, err
+    stack.kill("gateway")
+    await stack.start_gateway(RAGBUS_GATEWAY_QUOTAS="true")
+    try:
+        n = 30
+        lines = _lines(n, "quota")
+        for line in lines:  # questions not asked before: an answer-cache hit would cost nothing
+            line["body"]["messages"][0]["content"] += f" (ref {uuid.uuid4().hex[:8]})"
+        _, batch_id = await _submit(stack.client(), lines)
+        batch = await _until(stack, batch_id, lambda b: b.status == "completed")
+        counts = batch.request_counts
+        assert counts is not None and counts.completed >= 1 and counts.failed >= 1, counts
+        assert counts.completed + counts.failed == n
+        answered = await _content(stack, batch.output_file_id) if batch.output_file_id else []
+        refused = await _content(stack, batch.error_file_id) if batch.error_file_id else []
+        assert {e["error"]["code"] for e in refused} == {"quota_exceeded"}, refused[:2]
+        assert "tokens per month" in refused[0]["error"]["message"]
+        ids = [r["custom_id"] for r in answered + refused]
+        assert len(ids) == n and set(ids) == {line["custom_id"] for line in lines}, len(ids)
+        code, out, err = await run_ragbus(s, "usage", "--json", "--tenant", TENANT)
+        assert code == 0, err
+        (row,) = json.loads(out)
+        used = sum(r["response"]["body"]["usage"]["total_tokens"] for r in answered)
+        assert row["ok_requests"] == len(answered) and row["tokens_this_month"] == used, (row, used)
+    finally:
+        await run_ragbus(s, "tenants", "limits", TENANT, "--reset")
+        stack.kill("gateway")
+        await stack.start_gateway()
 
 
 async def test_files_api_refusals(stack: Stack) -> None:
