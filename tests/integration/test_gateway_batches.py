@@ -83,6 +83,13 @@ class Stack:
 
         await wait_for(healthy, timeout=120, what=f"the {name}")
 
+    async def stop_gateway(self, name: str) -> None:
+        """SIGTERM the extra gateway `name` and wait for it; requests go to the first one again."""
+        proc = self.pipeline.procs.pop(name)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(proc.wait, 60)
+
     def kill(self, name: str) -> None:
         proc = self.pipeline.procs[name]
         os.killpg(proc.pid, signal.SIGKILL)
@@ -293,10 +300,7 @@ async def test_another_gateway_takes_over_the_batch_of_a_gateway_that_died(stack
         assert len(ids) == n and set(ids) == {line["custom_id"] for line in lines}, len(ids)
         assert f"batch {batch_id}: resuming its job" in (logs / f"{survivor}.log").read_text()
     finally:
-        b = stack.pipeline.procs.pop("gateway-b")
-        if b.poll() is None:
-            b.send_signal(signal.SIGTERM)
-            await asyncio.to_thread(b.wait, 60)
+        await stack.stop_gateway("gateway-b")
         stack.port = ports["gateway"]
         if stack.pipeline.procs["gateway"].poll() is not None:
             await stack.start_gateway()
@@ -372,10 +376,7 @@ async def test_a_batch_past_its_window_expires_with_every_line_answered_or_expir
         again = await stack.client().batches.retrieve(batch_id)
         assert again.status == "expired" and again.request_counts == counts
     finally:
-        x = stack.pipeline.procs.pop("gateway-x")
-        if x.poll() is None:
-            x.send_signal(signal.SIGTERM)
-            await asyncio.to_thread(x.wait, 60)
+        await stack.stop_gateway("gateway-x")
         stack.port = ports["gateway"]
 
 

@@ -209,7 +209,7 @@ def test_gpu_worker_requests_gpus_and_serves_vllm_from_the_model_volume(rendered
     assert mounts["models"]["readOnly"] is True and models[0].model.startswith(
         mounts["models"]["mountPath"] + "/"
     )
-    (claim,) = _of_kind(objs, "PersistentVolumeClaim")
+    claim = _one(objs, "PersistentVolumeClaim", "models")
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["models"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
     # Without values-gpu.yaml the worker asks for no GPU.
@@ -229,6 +229,40 @@ def test_metrics_need_a_key_and_prometheus_scrapes_with_one(rendered: Path) -> N
         "type": "Bearer",
         "credentials": {"name": "ragbus-gateway-metrics-key", "key": "key"},
     }
+
+
+def test_batches_and_quotas_give_every_gateway_replica_shared_state(rendered: Path, tmp_path: Path) -> None:
+    """With quotas and the Batch API on, every gateway replica connects as the gateway's own
+    Postgres role (DSN from a Secret) and mounts one ReadWriteMany claim where the code keeps batch
+    files, results and job state (producers/gateway/batches.py, producers/bulk/state.py), so any
+    replica resumes any batch; by default both are off and nothing of it renders."""
+    default = _objects(rendered, "default")
+    assert "RAGBUS_GATEWAY_BATCHES" not in _env(_one(default, "Deployment", "gateway"))
+    assert _of_kind(default, "PersistentVolumeClaim") == []
+
+    objs = _objects(rendered, "tenants")
+    gateway = _one(objs, "Deployment", "gateway")
+    env = _env(gateway)
+    assert env["RAGBUS_GATEWAY_QUOTAS"] == "true" and env["RAGBUS_GATEWAY_BATCHES"] == "true"
+    assert env["RAGBUS_PG_GATEWAY_DSN"] == {"secretKeyRef": {"name": "ragbus-postgres-gateway", "key": "dsn"}}
+    claim = _one(objs, "PersistentVolumeClaim", "batches")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    pod = gateway["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "batch-data"]
+    assert volume["persistentVolumeClaim"]["claimName"] == "ragbus-batches"
+    (container,) = pod["containers"]
+    mounts = {m["mountPath"]: m["subPath"] for m in container["volumeMounts"] if m["name"] == "batch-data"}
+    # Where the code puts them, relative to the chart's RAGBUS_HOME.
+    (config,) = [c for c in _of_kind(objs, "ConfigMap") if c["metadata"]["name"] == "ragbus-env"]
+    home = Path(config["data"]["RAGBUS_HOME"])
+    from producers.bulk.state import JobStore
+    from producers.gateway.batches import files_dir, results_path
+
+    local = tmp_path / "home"
+    kept = (files_dir(local, "acme"), results_path(local, "acme", "b").parent, JobStore(local, "acme").dir)
+    wanted = {home / path.relative_to(local).parts[0] for path in kept}
+    assert {Path(p) for p in mounts} == wanted, mounts
+    assert all(Path(p).name == sub for p, sub in mounts.items())
 
 
 def test_a_tenant_name_kubernetes_cannot_hold_is_refused(rendered: Path) -> None:
