@@ -41,6 +41,7 @@ from producers.gateway.limits import BodySizeLimit
 from producers.gateway.quotas import QuotaStore
 from producers.gateway.serving import OpenAIServing
 from producers.gateway.tenants import TenantClients
+from producers.openai.batches import CreateBatchRequest
 from producers.openai.convert import InvalidInput, parse_body
 from producers.openai.protocol import (
     ChatCompletion,
@@ -329,6 +330,7 @@ def create_app(
         invalid=invalid,
         read_json=read_json,
         errors=_errors,
+        json_body=_json_body,
     )
 
     @app.get("/v1/models", response_model=ModelList, responses=_errors(*_ALWAYS, 401))
@@ -376,7 +378,7 @@ def create_app(
             return unauthorized()
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    _with_body_schemas(app, ChatCompletionRequest, EmbeddingRequest)
+    _with_body_schemas(app, ChatCompletionRequest, EmbeddingRequest, CreateBatchRequest)
     _no_422(app)
     return app
 

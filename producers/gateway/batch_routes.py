@@ -68,6 +68,7 @@ def add_batch_routes(
     invalid: Callable[..., JSONResponse],
     read_json: Callable[[Request], Any],
     errors: Callable[..., dict[int | str, dict[str, Any]]],
+    json_body: Callable[[type[Any], dict[str, Any]], dict[str, Any]],
 ) -> None:
     """Add the routes to `app`; `state["batch_store"]` and `state["batch_runner"]` are set by the
     app's lifespan when `gateway_batches` is on."""
@@ -254,7 +255,15 @@ def add_batch_routes(
             file_path(settings.home, who.tenant_id, file_id).unlink()
         return JSONResponse(FileDeleted(id=file_id).model_dump())
 
-    @app.post("/v1/batches", response_model=Batch, responses=errors(*always, 401, 404, 415))
+    @app.post(
+        "/v1/batches",
+        response_model=Batch,
+        responses=errors(*always, 401, 404, 415),
+        openapi_extra=json_body(
+            CreateBatchRequest,
+            {"input_file_id": "file-abc123", "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+        ),
+    )
     async def create_batch(request: Request) -> Response:
         """Run the requests of an uploaded file (purpose `batch`) on the bulk lane."""
         who = principal(request)

@@ -83,6 +83,36 @@ async def pipeline_settings(
     return s
 
 
+async def with_database_roles(settings: Settings) -> Settings:
+    """As `ragbus up` does: migrate as the owner and give the least-privilege roles their
+    passwords; returns the settings with the gateway's and the readers' own DSNs (what a gateway
+    with quotas or batches, and `ragbus usage`, connect as)."""
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    import asyncpg
+
+    from infra.postgres.migrations import migrate
+    from infra.postgres.roles import GATEWAY_ROLE, READER_ROLE, ensure_login_roles
+    from infra.secrets import postgres_password_path, read_secret
+
+    conn = await asyncpg.connect(settings.postgres_dsn)
+    try:
+        await migrate(conn)
+        await ensure_login_roles(conn, settings)
+    finally:
+        await conn.close()
+
+    def role_dsn(role: str) -> SecretStr:
+        parts = urlsplit(settings.postgres_dsn)
+        password = read_secret(postgres_password_path(settings, role))
+        auth = quote(role, safe="") + (f":{quote(password, safe='')}" if password else "")
+        return SecretStr(urlunsplit(parts._replace(netloc=f"{auth}@{parts.hostname}:{parts.port}")))
+
+    return settings.model_copy(
+        update={"pg_gateway_dsn": role_dsn(GATEWAY_ROLE), "pg_reader_dsn": role_dsn(READER_ROLE)}
+    )
+
+
 @asynccontextmanager
 async def running_pipeline(
     settings: Settings,

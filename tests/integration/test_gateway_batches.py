@@ -16,36 +16,30 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
 
-import asyncpg
 import httpx
 import openai
 import pytest
-from pydantic import SecretStr
 
-from infra.postgres.migrations import migrate
-from infra.postgres.roles import GATEWAY_ROLE, ensure_login_roles
 from infra.procs import free_port
-from infra.secrets import postgres_password_path, read_secret
 from infra.settings import Settings
 from producers.bulk.runner import request_id_for
 from producers.cancel import BATCH_CANCELLED
 from producers.gateway.batch_store import BatchLease, BatchStore
 from schemas import CancelRequest
 from tests.helpers import read_events, run_ragbus, spawn, wait_for
-from tests.integration.pipeline_support import COMPONENTS, Pipeline, pipeline_settings, running_pipeline
+from tests.integration.pipeline_support import (
+    COMPONENTS,
+    Pipeline,
+    pipeline_settings,
+    running_pipeline,
+    with_database_roles,
+)
 from tests.provision import KafkaService, PostgresService
 
 #: Tenants of a fresh deployment, with no documents: short prompts, quick answers.
 TENANT, KEY = "acme", "sk-batch-" + uuid.uuid4().hex
 RIVAL, RIVAL_KEY = "t", "sk-batch-rival-" + uuid.uuid4().hex
-
-
-def _as(dsn: str, user: str, password: str | None) -> str:
-    parts = urlsplit(dsn)
-    auth = quote(user, safe="") + (f":{quote(password, safe='')}" if password else "")
-    return urlunsplit(parts._replace(netloc=f"{auth}@{parts.hostname}:{parts.port}"))
 
 
 @dataclass
@@ -111,19 +105,10 @@ async def stack(
         f'[[keys]]\nkey = "{RIVAL_KEY}"\ntenant = "{RIVAL}"\nuser = "mallory"\n'
     )
     s = await pipeline_settings(kafka, postgres, root, gateway_timeout_s=240.0)
-    # As `ragbus up` does: migrate as the owner, give the gateway's role its password.
-    conn = await asyncpg.connect(s.postgres_dsn)
-    try:
-        await migrate(conn)
-        await ensure_login_roles(conn, s)
-    finally:
-        await conn.close()
-    gateway_dsn = _as(s.postgres_dsn, GATEWAY_ROLE, read_secret(postgres_password_path(s, GATEWAY_ROLE)))
-    s = s.model_copy(
+    s = (await with_database_roles(s)).model_copy(
         update={
             "gateway_batches": True,
             "gateway_keys_file": keys,
-            "pg_gateway_dsn": SecretStr(gateway_dsn),
             "gateway_batch_poll_s": 0.5,
             "gateway_batch_window": 4,
         }

@@ -12,22 +12,24 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
 import openai
 import pytest
-from pydantic import SecretStr
 
-from infra.postgres.migrations import migrate
-from infra.postgres.roles import GATEWAY_ROLE, READER_ROLE, ensure_login_roles
+from infra.postgres.roles import GATEWAY_ROLE
 from infra.procs import free_port
-from infra.secrets import postgres_password_path, read_secret
 from infra.settings import Settings
 from producers.gateway.quota_report import set_limits
 from tests.helpers import run_ragbus, spawn, wait_for
-from tests.integration.pipeline_support import Pipeline, pipeline_settings, running_pipeline
+from tests.integration.pipeline_support import (
+    Pipeline,
+    pipeline_settings,
+    running_pipeline,
+    with_database_roles,
+)
 from tests.provision import KafkaService, PostgresService
 
 TENANT, KEY = "metered", "sk-quota-" + uuid.uuid4().hex
@@ -37,12 +39,6 @@ FREE, FREE_KEY = "acme", "sk-quota-free-" + uuid.uuid4().hex
 #: fits, but its real usage (the worker's prompt template alone is more) leaves no room for another.
 TPM = 30
 QUESTION = "What is the phone extension of the IT helpdesk?"
-
-
-def _as(dsn: str, user: str, password: str | None) -> str:
-    parts = urlsplit(dsn)
-    auth = quote(user, safe="") + (f":{quote(password, safe='')}" if password else "")
-    return urlunsplit(parts._replace(netloc=f"{auth}@{parts.hostname}:{parts.port}"))
 
 
 class Gateways:
@@ -63,26 +59,13 @@ async def gateways(
         f'[[keys]]\nkey = "{KEY}"\ntenant = "{TENANT}"\n\n[[keys]]\nkey = "{FREE_KEY}"\ntenant = "{FREE}"\n'
     )
     s = await pipeline_settings(kafka, postgres, root, tenants=(TENANT,), gateway_timeout_s=240.0)
-    # As `ragbus up` does: migrate as the owner, give the least-privilege roles their passwords.
+    s = await with_database_roles(s)
     conn = await asyncpg.connect(s.postgres_dsn)
     try:
-        await migrate(conn)
-        await ensure_login_roles(conn, s)
         await set_limits(conn, TENANT, rpm=None, tpm=TPM, monthly_tokens=None)
     finally:
         await conn.close()
-
-    def role_dsn(role: str) -> SecretStr:
-        return SecretStr(_as(s.postgres_dsn, role, read_secret(postgres_password_path(s, role))))
-
-    s = s.model_copy(
-        update={
-            "gateway_quotas": True,
-            "gateway_keys_file": keys,
-            "pg_gateway_dsn": role_dsn(GATEWAY_ROLE),
-            "pg_reader_dsn": role_dsn(READER_ROLE),
-        }
-    )
+    s = s.model_copy(update={"gateway_quotas": True, "gateway_keys_file": keys})
     ports = [free_port(), free_port()]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     gateway_procs: list[subprocess.Popen[bytes]] = []

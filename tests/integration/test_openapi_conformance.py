@@ -1,6 +1,8 @@
 """schemathesis with every check against the real gateway: `ragbus gateway`, `worker run` and
 `processors run` as child processes on the session's broker, fuzzed through /openapi.json with a
-valid API key of a tenant that has no documents (short prompts).
+valid API key of a tenant that has no documents (short prompts); quotas and the Files and Batch API
+are on, so every route the gateway can serve is fuzzed, including schemathesis's stateful runs
+(uploaded file → batch → retrieve/cancel).
 
 What the run is told beyond the spec, and why:
 - chat completions and embeddings may refuse a schema-valid body with a 400 or a 413: rules a JSON
@@ -25,7 +27,12 @@ import httpx
 import pytest
 
 from infra.procs import free_port
-from tests.integration.pipeline_support import Pipeline, pipeline_settings, running_pipeline
+from tests.integration.pipeline_support import (
+    Pipeline,
+    pipeline_settings,
+    running_pipeline,
+    with_database_roles,
+)
 from tests.provision import KafkaService, PostgresService
 
 KEY = "sk-st-" + uuid.uuid4().hex
@@ -66,6 +73,9 @@ async def gateway_url(
         gateway_timeout_s=8.0,
         response_cache_size=0,
     )
+    # Quotas (unlimited by default: every request still reserves and settles) and the Files and
+    # Batch API on, so their routes are fuzzed too, on the gateway's own database role.
+    s = (await with_database_roles(s)).model_copy(update={"gateway_quotas": True, "gateway_batches": True})
     url = f"http://127.0.0.1:{port}"
 
     async def answers(_: Pipeline) -> bool:
