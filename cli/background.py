@@ -13,18 +13,15 @@ every read_committed reader of the partitions it wrote waiting for the transacti
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import signal
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.procs import ServiceError, pid_alive, read_pid, tail, terminate
+from infra.procs import OwnedProcess, ServiceError, tail
 from infra.settings import Settings
 
 
@@ -78,7 +75,13 @@ def instance_id_for(settings: Settings, slot: int) -> str:
     return f"{settings.instance_id or socket.gethostname()}-{slot}"
 
 
-class Background:
+class Background(OwnedProcess):
+    """One instance slot of a component run in the background."""
+
+    #: A stop reaches the component's own children too (e.g. an engine process).
+    stop_group = True
+    stop_timeout = 30.0
+
     def __init__(self, settings: Settings, component: Component, slot: int = 0) -> None:
         self.settings = settings
         self.component = component
@@ -87,38 +90,17 @@ class Background:
         self.name = component.name if slot == 0 else f"{component.name}-{slot}"
         self.pid_path = settings.home / "run" / f"{self.name}.pid"
         self.log_path = settings.home / "logs" / f"{self.name}.log"
-
-    @property
-    def pid(self) -> int | None:
-        pid = read_pid(self.pid_path)
-        return pid if pid_alive(pid) else None
-
-    @property
-    def running(self) -> bool:
-        return self.pid is not None
+        self.label = self.name
 
     def start(self, *extra: str, env: dict[str, str] | None = None, settle: float = 3.0) -> int:
         if (pid := self.pid) is not None:
             return pid
-        self.pid_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         child_env = component_env(self.component, dict(os.environ if env is None else env))
         child_env["RAGBUS_INSTANCE_ID"] = instance_id_for(self.settings, self.slot)
         child_env.setdefault("HF_HUB_OFFLINE", "1")
         child_env.setdefault("TOKENIZERS_PARALLELISM", "false")
         child_env.setdefault("PYTHONUNBUFFERED", "1")
-        with open(self.log_path, "ab") as out:
-            out.write(f"\n--- ragbus: starting {self.name} at {time.ctime()} ---\n".encode())
-            out.flush()
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "cli.main", *self.component.args, *extra],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=child_env,
-                start_new_session=True,
-            )
-        self.pid_path.write_text(f"{proc.pid}\n")
+        proc = self._spawn([sys.executable, "-m", "cli.main", *self.component.args, *extra], env=child_env)
         deadline = time.monotonic() + settle
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -128,17 +110,6 @@ class Background:
                 )
             time.sleep(0.1)
         return proc.pid
-
-    def stop(self, timeout: float = 30.0) -> None:
-        pid = self.pid
-        if pid is not None:
-            # The whole session: a component's own child processes (e.g. an engine) go too.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGTERM)
-            if terminate(pid, timeout):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
-        self.pid_path.unlink(missing_ok=True)
 
 
 def _components(names: list[str] | None) -> list[Component]:

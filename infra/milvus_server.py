@@ -42,7 +42,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from infra.procs import ServiceError, pid_alive, port_in_use, read_pid, tail, terminate
+from infra.procs import OwnedProcess, ServiceError, port_in_use, tail
 from infra.settings import MilvusSettings
 
 log = logging.getLogger(__name__)
@@ -160,8 +160,11 @@ def render_config(template: str, values: dict[str, object]) -> str:
     return _PLACEHOLDER.sub(fill, template)
 
 
-class LocalMilvus:
+class LocalMilvus(OwnedProcess):
     """One Milvus standalone server on 127.0.0.1 with its data under `root`."""
+
+    #: A SIGTERM releases the etcd sessions (a restart need not wait out their TTL).
+    stop_timeout = GRACEFUL_STOP_S + 10
 
     def __init__(
         self,
@@ -179,7 +182,7 @@ class LocalMilvus:
         self.metrics_port = metrics_port
         self.version = version
         self.host = host
-        self._proc: subprocess.Popen[bytes] | None = None
+        self.label = f"Milvus {version}"
 
     # --- layout ----------------------------------------------------------------------------
     @property
@@ -206,15 +209,6 @@ class LocalMilvus:
     @property
     def _metrics_port_path(self) -> Path:
         return self.root / "metrics.port"
-
-    @property
-    def pid(self) -> int | None:
-        pid = read_pid(self.pid_path)
-        return pid if pid_alive(pid) else None
-
-    @property
-    def running(self) -> bool:
-        return self.pid is not None
 
     # --- lifecycle -------------------------------------------------------------------------
     @property
@@ -301,22 +295,10 @@ class LocalMilvus:
             LD_LIBRARY_PATH=":".join(p for p in (str(bin_dir), os.environ.get("LD_LIBRARY_PATH")) if p),
         )
         started = time.monotonic()
-        with open(self.log_path, "ab") as out:
-            out.write(f"\n--- ragbus: starting Milvus {self.version} at {time.ctime()} ---\n".encode())
-            out.flush()
-            # cwd: the binary finds configs/milvus.yaml under its working directory.
-            self._proc = subprocess.Popen(
-                [str(bin_dir / "milvus"), "run", "standalone"],
-                cwd=self.root,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,
-            )
-        self.pid_path.write_text(f"{self._proc.pid}\n")
+        # cwd: the binary finds configs/milvus.yaml under its working directory.
+        proc = self._spawn([str(bin_dir / "milvus"), "run", "standalone"], env=env, cwd=self.root)
         self._metrics_port_path.write_text(f"{self.metrics_port}\n")
-        log.info("milvus starting (pid %d) on %s, logs in %s", self._proc.pid, self.uri, self.log_dir)
+        log.info("milvus starting (pid %d) on %s, logs in %s", proc.pid, self.uri, self.log_dir)
         try:
             self.wait_ready(timeout)
         except BaseException:
@@ -326,26 +308,16 @@ class LocalMilvus:
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Block until /healthz answers OK and a pymilvus client can list collections."""
-        deadline = time.monotonic() + timeout
-        last: object = "no answer yet"
-        while time.monotonic() < deadline:
-            if not self.running:
-                raise ServiceError(
-                    f"the Milvus server exited during start-up:\n{tail(self.log_path, 15)}\n"
-                    f"(its full logs: {self.log_dir}/standalone-*.log)",
-                    self.log_path,
-                )
-            try:
-                if self._healthy() and self._lists_collections():
-                    return
-            except Exception as e:  # noqa: BLE001 - any failure is an answer here
-                last = e
-            time.sleep(0.5)
-        raise ServiceError(
-            f"the Milvus server did not become ready in {timeout:.0f} s ({last}). After a crash its "
-            "etcd sessions block a restart for their TTL (30 s): wait and retry, or start it on a "
-            f"fresh data folder; its full logs: {self.log_dir}/standalone-*.log",
-            self.log_path,
+        self._wait_until(
+            lambda: self._healthy() and self._lists_collections(),
+            timeout,
+            interval=0.5,
+            exited=f"the Milvus server exited during start-up (full logs: {self.log_dir}/standalone-*.log)",
+            timed_out=(
+                f"the Milvus server did not become ready in {timeout:.0f} s. After a crash its etcd "
+                "sessions block a restart for their TTL (30 s): wait and retry, or start it on a fresh "
+                f"data folder; its full logs: {self.log_dir}/standalone-*.log"
+            ),
         )
 
     def _healthy(self) -> bool:
@@ -362,27 +334,6 @@ class LocalMilvus:
             return True
         finally:
             client.close()
-
-    def stop(self, timeout: float = GRACEFUL_STOP_S + 10) -> None:
-        """Graceful shutdown (SIGTERM; the etcd sessions are released), SIGKILL after `timeout`."""
-        pid = self.pid
-        if pid is not None and terminate(pid, timeout):
-            log.warning("milvus %d did not stop in %.0f s and was killed", pid, timeout)
-        self._reap()
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would."""
-        pid = self.pid
-        if pid is not None:
-            terminate(pid, timeout=0, sig=signal.SIGKILL)
-        self._reap()
-
-    def _reap(self) -> None:
-        if self._proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(timeout=10)
-            self._proc = None
-        self.pid_path.unlink(missing_ok=True)
 
 
 def _cache_default() -> Path:

@@ -1,14 +1,20 @@
-"""Small helpers for the local services: free ports, port checks, pid files, stopping processes."""
+"""Small helpers for the local services: free ports, port checks, pid files, stopping processes,
+and `OwnedProcess`, what every process `ragbus` starts and leaves running has in common."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import signal
 import socket
+import subprocess
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -90,3 +96,108 @@ class ServiceError(RuntimeError):
     def __init__(self, message: str, log: Path | None = None) -> None:
         self.log = log
         super().__init__(f"{message} (log: {log})" if log else message)
+
+
+class OwnedProcess:
+    """A process ragbus starts and leaves running (a broker, a Milvus server, a component): it
+    outlives the command that started it, so its pid goes to a file that later commands read; it
+    appends to one log; it runs in a session of its own, so a terminal's Ctrl+C does not reach it.
+
+    Subclasses name it (`label`) and place it (`pid_path`, `log_path`); `stop_group` stops the
+    whole session (a component's own children, e.g. an engine) instead of the one process;
+    `stop_timeout` is how long a stop waits for a graceful exit before SIGKILL.
+    """
+
+    label: str
+    pid_path: Path
+    log_path: Path
+    stop_group: bool = False
+    stop_timeout: float = 60.0
+    _proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        if self._proc is not None and self._proc.poll() is None:
+            return self._proc.pid
+        pid = read_pid(self.pid_path)
+        return pid if pid_alive(pid) else None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+    def _spawn(
+        self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start `argv` with its output appended to the log after a dated banner, and record its pid."""
+        self.pid_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            out.write(f"\n--- ragbus: starting {self.label} at {time.ctime()} ---\n".encode())
+            out.flush()
+            self._proc = subprocess.Popen(
+                list(argv),
+                cwd=cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=dict(env),
+                start_new_session=True,
+            )
+        self.pid_path.write_text(f"{self._proc.pid}\n")
+        return self._proc
+
+    def _wait_until(
+        self,
+        ready: Callable[[], bool],
+        timeout: float,
+        *,
+        interval: float,
+        exited: str,
+        timed_out: str,
+    ) -> None:
+        """Poll `ready` (an exception counts as not yet) until it answers True; ServiceError with the
+        log's tail when the process exits first, or with `timed_out` and the last failure after
+        `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        last: object = "no answer yet"
+        while time.monotonic() < deadline:
+            if not self.running:
+                raise ServiceError(f"{exited}:\n{tail(self.log_path, 15)}", self.log_path)
+            try:
+                if ready():
+                    return
+            except Exception as e:  # noqa: BLE001 - any failure is an answer here
+                last = e
+            time.sleep(interval)
+        raise ServiceError(f"{timed_out} ({last})", self.log_path)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM (to the whole session with `stop_group`), SIGKILL after `timeout` (default
+        `stop_timeout`) seconds."""
+        timeout = self.stop_timeout if timeout is None else timeout
+        pid = self.pid
+        if pid is not None:
+            if self.stop_group:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGTERM)
+            if terminate(pid, timeout):
+                log.warning("%s (pid %d) did not stop in %.0f s and was killed", self.label, pid, timeout)
+                if self.stop_group:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(pid, signal.SIGKILL)
+        self._reap()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        pid = self.pid
+        if pid is not None:
+            terminate(pid, timeout=0, sig=signal.SIGKILL)
+        self._reap()
+
+    def _reap(self) -> None:
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=10)
+            self._proc = None
+        self.pid_path.unlink(missing_ok=True)

@@ -16,13 +16,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
-import contextlib
 import logging
 import os
-import signal
 import socket
 import subprocess
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +29,7 @@ from aiokafka.helpers import create_ssl_context
 
 from infra.kafka.jars import ensure_jars
 from infra.kafka.tls import make_keystore
-from infra.procs import ServiceError, pid_alive, port_in_use, read_pid, tail, terminate
+from infra.procs import OwnedProcess, ServiceError, port_in_use
 from infra.secrets import generate_password, read_secret
 
 log = logging.getLogger(__name__)
@@ -74,7 +71,7 @@ class BrokerAuth:
         return "SASL_SSL" if self.tls else "SASL_PLAINTEXT"
 
 
-class LocalKafka:
+class LocalKafka(OwnedProcess):
     def __init__(
         self,
         root: Path,
@@ -112,7 +109,7 @@ class LocalKafka:
         self.replication = replication
         #: Formats the storage with this id (all nodes of one quorum share it); None: a new one.
         self.cluster_id = cluster_id
-        self._proc: subprocess.Popen[bytes] | None = None
+        self.label = f"kafka broker {node_id}"
 
     # --- layout ----------------------------------------------------------------------------
     @property
@@ -169,17 +166,6 @@ class LocalKafka:
         if self.auth.tls:
             kw["ssl_context"] = create_ssl_context(cafile=str(self.ca_file))
         return kw
-
-    @property
-    def pid(self) -> int | None:
-        if self._proc is not None and self._proc.poll() is None:
-            return self._proc.pid
-        pid = read_pid(self.pid_path)
-        return pid if pid_alive(pid) else None
-
-    @property
-    def running(self) -> bool:
-        return self.pid is not None
 
     # --- configuration ---------------------------------------------------------------------
     def _keystore_password(self) -> str:
@@ -357,68 +343,25 @@ class LocalKafka:
         self.check_ports()
         libs = self.prepare()
         env = dict(os.environ, KAFKA_HEAP_OPTS=f"-Xmx{self.heap}")
-        with open(self.log_path, "ab") as out:
-            out.write(f"\n--- ragbus: starting broker {self.node_id} at {time.ctime()} ---\n".encode())
-            out.flush()
-            self._proc = subprocess.Popen(
-                self._java(libs, "kafka.Kafka", str(self.config_path), heap=self.heap),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,
-            )
-        self.pid_path.write_text(f"{self._proc.pid}\n")
-        log.info(
-            "kafka broker starting (pid %d) on %s, log %s", self._proc.pid, self.bootstrap, self.log_path
-        )
+        proc = self._spawn(self._java(libs, "kafka.Kafka", str(self.config_path), heap=self.heap), env=env)
+        log.info("kafka broker starting (pid %d) on %s, log %s", proc.pid, self.bootstrap, self.log_path)
         if wait:
             self.wait_ready(timeout)
-        return self._proc.pid
+        return proc.pid
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Block until the broker answers a metadata request listing live brokers."""
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if not self.running:
-                raise ServiceError(
-                    f"the Kafka broker exited during start-up:\n{tail(self.log_path, 15)}", self.log_path
-                )
-            try:
-                if probe(self.bootstrap, timeout=5.0, **self.client_security()):
-                    return
-            except Exception as e:  # noqa: BLE001 - any failure is an answer here
-                last = e
-            time.sleep(0.3)
-        raise ServiceError(
-            f"the Kafka broker did not become ready in {timeout:.0f} s ({last})", self.log_path
+        self._wait_until(
+            lambda: probe(self.bootstrap, timeout=5.0, **self.client_security()),
+            timeout,
+            interval=0.3,
+            exited="the Kafka broker exited during start-up",
+            timed_out=f"the Kafka broker did not become ready in {timeout:.0f} s",
         )
-
-    def stop(self, timeout: float = 60.0) -> None:
-        """Controlled shutdown (SIGTERM), SIGKILL after `timeout`."""
-        pid = self.pid
-        if pid is not None and terminate(pid, timeout):
-            log.warning("kafka broker %d did not stop in %.0f s and was killed", pid, timeout)
-        self._reap()
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would."""
-        pid = self.pid
-        if pid is not None:
-            terminate(pid, timeout=0, sig=signal.SIGKILL)
-        self._reap()
 
     def restart(self, timeout: float = 120.0) -> None:
         self.stop()
         self.start(timeout=timeout)
-
-    def _reap(self) -> None:
-        if self._proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(timeout=10)
-            self._proc = None
-        self.pid_path.unlink(missing_ok=True)
 
 
 async def _live_brokers(bootstrap: str, timeout: float, security: dict[str, Any]) -> set[int]:
