@@ -57,6 +57,17 @@ async def pending(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) ->
     return [m for m in found if m.version not in done]
 
 
+async def require_current(conn: asyncpg.Connection, needed_by: str) -> None:
+    """Raise a MigrationError that says what to run when a migration is pending: the check a
+    least-privilege role (the sink's, the gateway's) makes before it relies on the schema."""
+    if missing := await pending(conn):
+        names = ", ".join(f"{m.version:04d}_{m.name}" for m in missing)
+        raise MigrationError(
+            f"the database lacks migrations {names}: run `ragbus up` (it migrates as the database "
+            f"owner) before {needed_by} starts"
+        )
+
+
 async def migrate(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     """Apply the pending migrations; returns those applied now."""
     pending = discover(directory)

@@ -16,7 +16,6 @@ from typing import Any
 
 import asyncpg
 
-from infra.postgres.migrations import pending
 from infra.settings import Settings
 from producers.openai.batches import (
     UNFINISHED,
@@ -92,23 +91,10 @@ class BatchStore:
     @classmethod
     async def open(cls, settings: Settings) -> BatchStore:
         """A store on the gateway's own Postgres role; refuses a database without the batch tables."""
-        from infra.postgres.pool import create_pool
+        from infra.postgres.pool import create_checked_pool
 
         dsn = settings.postgres_dsn_for("gateway")
-        pool = await create_pool(settings, dsn=dsn)
-        try:
-            async with pool.acquire() as conn:
-                missing = await pending(conn)
-        except BaseException:
-            await pool.close()
-            raise
-        if missing:
-            await pool.close()
-            names = ", ".join(f"{m.version:04d}_{m.name}" for m in missing)
-            raise RuntimeError(
-                f"the database lacks migrations {names}: run `ragbus up` (or migrate as the owner) "
-                "before a gateway with batches starts"
-            )
+        pool = await create_checked_pool(settings, dsn=dsn, needed_by="a gateway with batches")
         return cls(pool, dsn)
 
     async def close(self) -> None:

@@ -34,7 +34,6 @@ from typing import Literal
 
 import asyncpg
 
-from infra.postgres.migrations import pending
 from infra.settings import Settings
 from producers.gateway.auth import Principal
 from producers.gateway.quota_windows import (
@@ -144,22 +143,11 @@ class QuotaStore:
     async def open(cls, settings: Settings) -> QuotaStore:
         """A store on the gateway's own Postgres role; refuses a database whose schema lacks the
         quota tables (`ragbus up` migrates it)."""
-        from infra.postgres.pool import create_pool
+        from infra.postgres.pool import create_checked_pool
 
-        pool = await create_pool(settings, dsn=settings.postgres_dsn_for("gateway"))
-        try:
-            async with pool.acquire() as conn:
-                missing = await pending(conn)
-        except BaseException:
-            await pool.close()
-            raise
-        if missing:
-            await pool.close()
-            names = ", ".join(f"{m.version:04d}_{m.name}" for m in missing)
-            raise RuntimeError(
-                f"the database lacks migrations {names}: run `ragbus up` (or migrate as the owner) "
-                "before a gateway with quotas starts"
-            )
+        pool = await create_checked_pool(
+            settings, dsn=settings.postgres_dsn_for("gateway"), needed_by="a gateway with quotas"
+        )
         defaults = Limits(
             settings.gateway_quota_rpm, settings.gateway_quota_tpm, settings.gateway_quota_monthly_tokens
         )

@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import asyncpg.exceptions._base as pg_base
 
-from infra.postgres.migrations import MigrationError, migrate, pending
+from infra.postgres.migrations import migrate, require_current
 from sinks.audit.rows import COLUMNS, Row, unstorable
 
 log = logging.getLogger(__name__)
@@ -114,12 +114,8 @@ class AuditWriter:
         try:
             if self.may_migrate:
                 await migrate(conn)
-            elif missing := await pending(conn):
-                names = ", ".join(f"{m.version:04d}_{m.name}" for m in missing)
-                raise MigrationError(
-                    f"the audit schema lacks migrations {names}; run `ragbus up` (it migrates as the "
-                    "database owner) before the sink"
-                )
+            else:
+                await require_current(conn, "the audit sink")
             now = datetime.now(UTC)
             await self.ensure_months({month_of(now), month_of(month_of(now) + timedelta(days=32))})
         except BaseException:
