@@ -86,6 +86,14 @@ def add_batch_routes(
             )
         return None
 
+    def admit(request: Request) -> Principal | JSONResponse:
+        """The key's principal, or the answer that refuses the request: 401 without a valid key,
+        404 while the API is off on this gateway."""
+        who = principal(request)
+        if who is None:
+            return unauthorized()
+        return off() or who
+
     def store() -> BatchStore:
         return state["batch_store"]  # type: ignore[no-any-return]
 
@@ -124,11 +132,9 @@ def add_batch_routes(
     )
     async def upload_file(request: Request) -> Response:
         """Upload a JSONL file of batch requests (purpose `batch`), up to the gateway's file limit."""
-        who = principal(request)
-        if who is None:
-            return unauthorized()
-        if (refused := off()) is not None:
-            return refused
+        who = admit(request)
+        if isinstance(who, JSONResponse):
+            return who
         try:
             boundary = boundary_of(request.headers.get("content-type", ""))
         except MultipartError as e:
@@ -187,29 +193,18 @@ def add_batch_routes(
         after: str | None = Query(None, max_length=limits.EVENT_ID_MAX),
         limit: int = Query(PAGE_DEFAULT, ge=1, le=10_000),
     ) -> Response:
-        who = principal(request)
-        if who is None:
-            return unauthorized()
-        if (refused := off()) is not None:
-            return refused
+        who = admit(request)
+        if isinstance(who, JSONResponse):
+            return who
         limit = min(limit, 10_000)
         rows = await store().list_files(who.tenant_id, purpose=purpose, after=after, limit=limit + 1)
-        page, more = list_page(rows, limit)
-        body = FileList(
-            data=page,
-            first_id=page[0].id if page else None,
-            last_id=page[-1].id if page else None,
-            has_more=more,
-        )
-        return JSONResponse(body.model_dump())
+        return JSONResponse(list_page(FileList, rows, limit).model_dump())
 
     @app.get("/v1/files/{file_id}", response_model=FileObject, responses=errors(*always, 401, 404))
     async def get_file(request: Request, file_id: str) -> Response:
-        who = principal(request)
-        if who is None:
-            return unauthorized()
-        if (refused := off()) is not None:
-            return refused
+        who = admit(request)
+        if isinstance(who, JSONResponse):
+            return who
         obj = await store().get_file(who.tenant_id, file_id)
         return _not_found("file", file_id) if obj is None else JSONResponse(obj.model_dump())
 
@@ -222,11 +217,9 @@ def add_batch_routes(
         },
     )
     async def file_content(request: Request, file_id: str) -> Response:
-        who = principal(request)
-        if who is None:
-            return unauthorized()
-        if (refused := off()) is not None:
-            return refused
+        who = admit(request)
+        if isinstance(who, JSONResponse):
+            return who
         obj = await store().get_file(who.tenant_id, file_id)
         path = file_path(settings.home, who.tenant_id, file_id) if obj is not None else None
         if path is None or not path.exists():
@@ -235,11 +228,9 @@ def add_batch_routes(
 
     @app.delete("/v1/files/{file_id}", response_model=FileDeleted, responses=errors(*always, 401, 404, 409))
     async def delete_file(request: Request, file_id: str) -> Response:
-        who = principal(request)
-        if who is None:
-            return unauthorized()
-        if (refused := off()) is not None:
-            return refused
+        who = admit(request)
+        if isinstance(who, JSONResponse):
+            return who
         if await store().get_file(who.tenant_id, file_id) is None:
             return _not_found("file", file_id)
         if await store().file_in_use(who.tenant_id, file_id):
@@ -266,11 +257,9 @@ def add_batch_routes(
     )
     async def create_batch(request: Request) -> Response:
         """Run the requests of an uploaded file (purpose `batch`) on the bulk lane."""
-        who = principal(request)
-        if who is None:
-            return unauthorized()
-        if (refused := off()) is not None:
-            return refused
+        who = admit(request)
+        if isinstance(who, JSONResponse):
+            return who
         data = await read_json(request)
         if isinstance(data, Response):
             return data
@@ -309,28 +298,17 @@ def add_batch_routes(
         limit: int = Query(PAGE_DEFAULT, ge=1, le=PAGE_MAX),
     ) -> Response:
         """The tenant's batches, newest first; `after` (a batch id) gives the page after it."""
-        who = principal(request)
-        if who is None:
-            return unauthorized()
-        if (refused := off()) is not None:
-            return refused
+        who = admit(request)
+        if isinstance(who, JSONResponse):
+            return who
         rows = await store().list_batches(who.tenant_id, after=after, limit=limit + 1)
-        page, more = list_page(rows, limit)
-        body = BatchList(
-            data=page,
-            first_id=page[0].id if page else None,
-            last_id=page[-1].id if page else None,
-            has_more=more,
-        )
-        return JSONResponse(body.model_dump())
+        return JSONResponse(list_page(BatchList, rows, limit).model_dump())
 
     @app.get("/v1/batches/{batch_id}", response_model=Batch, responses=errors(*always, 401, 404))
     async def get_batch(request: Request, batch_id: str) -> Response:
-        who = principal(request)
-        if who is None:
-            return unauthorized()
-        if (refused := off()) is not None:
-            return refused
+        who = admit(request)
+        if isinstance(who, JSONResponse):
+            return who
         batch = await store().get_batch(who.tenant_id, batch_id)
         return _not_found("batch", batch_id) if batch is None else JSONResponse(batch.model_dump())
 
@@ -338,10 +316,8 @@ def add_batch_routes(
     async def cancel_batch(request: Request, batch_id: str) -> Response:
         """Stop sending the batch's remaining requests: `cancelling`, then `cancelled` with the
         answers so far in its output file. A finished batch is answered as it is."""
-        who = principal(request)
-        if who is None:
-            return unauthorized()
-        if (refused := off()) is not None:
-            return refused
+        who = admit(request)
+        if isinstance(who, JSONResponse):
+            return who
         batch = await store().request_cancel(who.tenant_id, batch_id)
         return _not_found("batch", batch_id) if batch is None else JSONResponse(batch.model_dump())

@@ -4,7 +4,7 @@ validated here so a bad field is a 400 that names it."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -120,6 +120,16 @@ class CreateBatchRequest(BaseModel):
         return v
 
 
-def list_page(items: list[Any], limit: int) -> tuple[list[Any], bool]:
-    """The first `limit` of `items` (fetched as limit + 1) and whether there are more."""
-    return items[:limit], len(items) > limit
+PageT = TypeVar("PageT", FileList, BatchList)
+
+
+def list_page(page_type: type[PageT], items: list[Any], limit: int) -> PageT:
+    """One page of a list (FileList or BatchList): the first `limit` of `items`, fetched as
+    limit + 1 so that `has_more` needs no second query."""
+    page = items[:limit]
+    return page_type(
+        data=page,
+        first_id=page[0].id if page else None,
+        last_id=page[-1].id if page else None,
+        has_more=len(items) > limit,
+    )
