@@ -14,9 +14,9 @@ from infra.kafka.codec import encode
 from infra.settings import Settings
 from processors.service import Processors
 from processors.store import ChunkStore
-from schemas import ChatRequest, DocumentIngest, EnrichedRequest, EventBase, IngestResult
+from schemas import ChatRequest, DocumentIngest, EnrichedRequest, EventBase, IngestResult, RetrievalOptions
 from tests.helpers import read_events, wait_for
-from tests.integration.knowledge_corpus import Doc
+from tests.integration.knowledge_corpus import ACME, GLOBEX, QUESTIONS, Doc, Question
 
 E = TypeVar("E", bound=EventBase)
 
@@ -138,3 +138,40 @@ async def ask(settings: Settings, requests: list[ChatRequest]) -> dict[str, Enri
 
 def stored_texts(store: ChunkStore, tenant: str, doc_ids: list[str]) -> set[str]:
     return {row["text"] for doc_id in doc_ids for row in store.chunks_of(tenant, doc_id)}
+
+
+def tenants_texts(store: ChunkStore, docs: Sequence[Doc]) -> dict[str, set[str]]:
+    """The stored chunk texts of each corpus tenant's documents; asserts the corpus's shape (ACME's
+    17 chunks, none shared with GLOBEX)."""
+    own = {
+        tenant: stored_texts(store, tenant, [d.doc_id for d in docs if d.tenant == tenant])
+        for tenant in (ACME, GLOBEX)
+    }
+    assert len(own[ACME]) == 17 and own[ACME].isdisjoint(own[GLOBEX])
+    return own
+
+
+def corpus_requests() -> list[tuple[ChatRequest, Question]]:
+    """Every corpus question asked on both lanes: the chat lane dense, the bulk lane hybrid, for
+    its top 3 chunks."""
+    return [
+        (
+            ChatRequest(
+                tenant_id=q.tenant,
+                question=q.text,
+                lane=lane,
+                retrieval=RetrievalOptions(top_k=3, hybrid=hybrid),
+            ),
+            q,
+        )
+        for q in QUESTIONS
+        for lane, hybrid in (("chat", False), ("bulk", True))
+    ]
+
+
+def found_answer(out: EnrichedRequest, q: Question) -> None:
+    """Asserts that a chunk of the right document holding the answer came back."""
+    assert any(c.doc_id == q.doc_id and q.answer in c.text for c in out.chunks), (
+        f"{q.tenant}: {q.text!r} (hybrid={out.request.retrieval.hybrid}) got "
+        f"{[c.text[:50] for c in out.chunks]}"
+    )

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from pydantic import SecretStr
 
 from infra.kafka.topics import declare_topics
+from infra.procs import free_port
 from infra.settings import Settings
 from tests.conftest import TEST_TENANTS, unique
 from tests.helpers import spawn, wait_for
@@ -113,6 +115,28 @@ async def with_database_roles(settings: Settings) -> Settings:
     )
 
 
+def write_keys(root: Path, *keys: tuple[str, str, str | None]) -> Path:
+    """A gateway keys file under `root` (the format `RAGBUS_GATEWAY_KEYS_FILE` names) of
+    (key, tenant, user or None) entries."""
+    path = root / "keys.toml"
+    path.write_text(
+        "\n".join(
+            f'[[keys]]\nkey = "{key}"\ntenant = "{tenant}"\n' + (f'user = "{user}"\n' if user else "")
+            for key, tenant, user in keys
+        )
+    )
+    return path
+
+
+async def gateways_healthy(*urls: str) -> bool:
+    """Whether every gateway at `urls` answers /healthz with 200 (not yet listening: False)."""
+    try:
+        async with httpx.AsyncClient() as http:
+            return all([(await http.get(f"{url}/healthz")).status_code == 200 for url in urls])
+    except httpx.HTTPError:
+        return False
+
+
 @asynccontextmanager
 async def running_pipeline(
     settings: Settings,
@@ -146,3 +170,33 @@ async def running_pipeline(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@asynccontextmanager
+async def running_with_gateway(
+    kafka: KafkaService,
+    postgres: PostgresService,
+    root: Path,
+    *,
+    keys: Sequence[tuple[str, str, str | None]],
+    components: Sequence[str] = ("worker", "processors", "gateway"),
+    **overrides: Any,
+) -> AsyncIterator[tuple[str, Pipeline]]:
+    """A fresh deployment (`pipeline_settings` with `overrides`) whose gateway takes `keys` and
+    answers slowly starting models (240 s); yields the gateway's URL and the pipeline once the
+    gateway answers /healthz."""
+    port = free_port()
+    s = await pipeline_settings(
+        kafka,
+        postgres,
+        root,
+        **{
+            "gateway_port": port,
+            "gateway_keys_file": write_keys(root, *keys),
+            "gateway_timeout_s": 240.0,
+            **overrides,
+        },
+    )
+    url = f"http://127.0.0.1:{port}"
+    async with running_pipeline(s, root, list(components), ready=lambda _: gateways_healthy(url)) as p:
+        yield url, p

@@ -21,14 +21,16 @@ import httpx
 import pytest
 
 from infra.kafka.clients import make_producer
-from infra.procs import free_port
 from infra.secrets import as_tenant
 from infra.settings import Settings
 from producers.cancel import cancel
 from schemas import ChatResponse, DeadLetter, ErrorCode
 from tests.helpers import read_topic, wait_for
 from tests.integration.inference_support import enriched, feed
-from tests.integration.pipeline_support import Pipeline, pipeline_settings, running_pipeline
+from tests.integration.pipeline_support import (
+    Pipeline,
+    running_with_gateway,
+)
 from tests.provision import KafkaService, PostgresService
 
 KEY = "sk-cancel-" + uuid.uuid4().hex
@@ -50,29 +52,10 @@ async def stack(
     kafka: KafkaService, postgres: PostgresService, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Stack]:
     root = tmp_path_factory.mktemp("cancel")
-    keys = root / "keys.toml"
-    keys.write_text(f'[[keys]]\nkey = "{KEY}"\ntenant = "{TENANT}"\nuser = "alice"\n')
-    port = free_port()
-    s = await pipeline_settings(
-        kafka,
-        postgres,
-        root,
-        tenants=(TENANT,),
-        gateway_port=port,
-        gateway_keys_file=keys,
-        gateway_timeout_s=240.0,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    async def healthy(_: Pipeline) -> bool:
-        try:
-            async with httpx.AsyncClient() as http:
-                return (await http.get(f"{url}/healthz")).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    async with running_pipeline(s, root, ["worker", "processors", "gateway"], ready=healthy) as p:
-        yield Stack(url, s, p)
+    async with running_with_gateway(
+        kafka, postgres, root, keys=[(KEY, TENANT, "alice")], tenants=(TENANT,)
+    ) as (url, p):
+        yield Stack(url, p.settings, p)
 
 
 async def _all(s: Settings) -> list[ChatResponse]:

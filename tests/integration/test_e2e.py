@@ -19,19 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
 import openai
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from infra.kafka.security import client_properties, ensure_tenant, rotate_tenant
-from infra.procs import free_port
 from infra.settings import Settings
 from producers.bulk.runner import request_id_for
 from schemas import ChatResponse
 from tests.helpers import read_events, read_topic, run_ragbus, spawn, wait_for
 from tests.integration.audit_support import audit_coords, readable_records
-from tests.integration.pipeline_support import Pipeline, pipeline_settings, running_pipeline
+from tests.integration.pipeline_support import (
+    Pipeline,
+    running_with_gateway,
+)
 from tests.provision import KafkaService, PostgresService
 
 SAMPLES = Path(__file__).resolve().parents[2] / "producers" / "samples"
@@ -71,33 +72,17 @@ async def pipeline(
     kafka: KafkaService, postgres: PostgresService, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[E2E]:
     root = tmp_path_factory.mktemp("e2e")
-    keys = root / "keys.toml"
-    keys.write_text(
-        f'[[keys]]\nkey = "{KEY}"\ntenant = "{TENANT}"\nuser = "alice"\n\n'
-        f'[[keys]]\nkey = "{RIVAL_KEY}"\ntenant = "{RIVAL}"\nuser = "mallory"\n'
-    )
-    port = free_port()
-    s = await pipeline_settings(
+    async with running_with_gateway(
         kafka,
         postgres,
         root,
+        keys=[(KEY, TENANT, "alice"), (RIVAL_KEY, RIVAL, "mallory")],
+        components=("sink", "worker", "processors", "gateway"),
         tenants=(TENANT, RIVAL, NODOCS),
         otel_exporter="file",
         otel_file=root / "spans.jsonl",
-        gateway_port=port,
-        gateway_keys_file=keys,
-        gateway_timeout_s=240.0,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    async def healthy(_: Pipeline) -> bool:
-        try:
-            async with httpx.AsyncClient() as http:
-                return (await http.get(f"{url}/healthz")).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    async with running_pipeline(s, root, ["sink", "worker", "processors", "gateway"], ready=healthy) as p:
+    ) as (url, p):
+        s = p.settings
         code, out, err = await run_ragbus(s, "ingest", str(SAMPLES / "docs"), "--tenant", TENANT, "--json")
         assert code == 0, f"{out}\n{err}\n{p.log_tail()}"
         assert json.loads(out)["indexed"] == 3

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
@@ -31,9 +30,11 @@ from tests.helpers import read_events, run_ragbus, spawn, wait_for
 from tests.integration.pipeline_support import (
     COMPONENTS,
     Pipeline,
+    gateways_healthy,
     pipeline_settings,
     running_pipeline,
     with_database_roles,
+    write_keys,
 )
 from tests.provision import KafkaService, PostgresService
 
@@ -69,11 +70,7 @@ class Stack:
 
         async def healthy() -> bool:
             p.assert_alive()
-            try:
-                async with httpx.AsyncClient() as http:
-                    return (await http.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200
-            except httpx.HTTPError:
-                return False
+            return await gateways_healthy(f"http://127.0.0.1:{port}")
 
         await wait_for(healthy, timeout=120, what=f"the {name}")
 
@@ -99,11 +96,7 @@ async def stack(
     kafka: KafkaService, postgres: PostgresService, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Stack]:
     root = tmp_path_factory.mktemp("batches")
-    keys = root / "keys.toml"
-    keys.write_text(
-        f'[[keys]]\nkey = "{KEY}"\ntenant = "{TENANT}"\nuser = "alice"\n\n'
-        f'[[keys]]\nkey = "{RIVAL_KEY}"\ntenant = "{RIVAL}"\nuser = "mallory"\n'
-    )
+    keys = write_keys(root, (KEY, TENANT, "alice"), (RIVAL_KEY, RIVAL, "mallory"))
     s = await pipeline_settings(kafka, postgres, root, gateway_timeout_s=240.0)
     s = (await with_database_roles(s)).model_copy(
         update={

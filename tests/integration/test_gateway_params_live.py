@@ -16,13 +16,13 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import jsonschema
 import openai
 import pytest
 
-from infra.procs import free_port
-from tests.integration.pipeline_support import Pipeline, pipeline_settings, running_pipeline
+from tests.integration.pipeline_support import (
+    running_with_gateway,
+)
 from tests.provision import KafkaService, PostgresService
 
 KEY = "sk-params-" + uuid.uuid4().hex
@@ -46,28 +46,9 @@ async def gateway_url(
     kafka: KafkaService, postgres: PostgresService, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[str]:
     root = tmp_path_factory.mktemp("params")
-    keys = root / "keys.toml"
-    keys.write_text(f'[[keys]]\nkey = "{KEY}"\ntenant = "{TENANT}"\nuser = "alice"\n')
-    port = free_port()
-    s = await pipeline_settings(
-        kafka,
-        postgres,
-        root,
-        tenants=(TENANT,),
-        gateway_port=port,
-        gateway_keys_file=keys,
-        gateway_timeout_s=240.0,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    async def healthy(_: Pipeline) -> bool:
-        try:
-            async with httpx.AsyncClient() as http:
-                return (await http.get(f"{url}/healthz")).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    async with running_pipeline(s, root, ["worker", "processors", "gateway"], ready=healthy):
+    async with running_with_gateway(
+        kafka, postgres, root, keys=[(KEY, TENANT, "alice")], tenants=(TENANT,)
+    ) as (url, _):
         yield url
 
 

@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import asyncpg
-import httpx
 import openai
 import pytest
 
@@ -26,9 +25,11 @@ from producers.gateway.quota_report import set_limits
 from tests.helpers import run_ragbus, spawn, wait_for
 from tests.integration.pipeline_support import (
     Pipeline,
+    gateways_healthy,
     pipeline_settings,
     running_pipeline,
     with_database_roles,
+    write_keys,
 )
 from tests.provision import KafkaService, PostgresService
 
@@ -54,10 +55,7 @@ async def gateways(
     kafka: KafkaService, postgres: PostgresService, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Gateways]:
     root = tmp_path_factory.mktemp("quota")
-    keys = root / "keys.toml"
-    keys.write_text(
-        f'[[keys]]\nkey = "{KEY}"\ntenant = "{TENANT}"\n\n[[keys]]\nkey = "{FREE_KEY}"\ntenant = "{FREE}"\n'
-    )
+    keys = write_keys(root, (KEY, TENANT, None), (FREE_KEY, FREE, None))
     s = await pipeline_settings(kafka, postgres, root, tenants=(TENANT,), gateway_timeout_s=240.0)
     s = await with_database_roles(s)
     conn = await asyncpg.connect(s.postgres_dsn)
@@ -82,12 +80,7 @@ async def gateways(
 
             async def healthy() -> bool:
                 p.assert_alive()
-                async with httpx.AsyncClient() as http:
-                    try:
-                        codes = [(await http.get(f"{u}/healthz")).status_code for u in urls]
-                    except httpx.HTTPError:
-                        return False
-                    return codes == [200, 200]
+                return await gateways_healthy(*urls)
 
             await wait_for(healthy, timeout=120, what="both gateways")
             yield Gateways(s, urls, p)

@@ -30,12 +30,14 @@ from tests.integration.knowledge_corpus import ACME, GLOBEX, QUESTIONS, document
 from tests.integration.knowledge_support import (
     ask,
     collect,
+    corpus_requests,
+    found_answer,
     ingest,
     ingest_event,
     produce,
     running_processors,
     shared_model,
-    stored_texts,
+    tenants_texts,
 )
 
 #: The corpus's second tenant and one without documents (conftest declares acme's topics).
@@ -60,35 +62,17 @@ async def test_questions_get_the_right_chunk_and_tenants_never_mix(knowledge_set
             assert result.timings.embed_ms is not None and result.timings.total_ms is not None
         store = processors.store
         assert store is not None
-        own = {
-            ACME: stored_texts(store, ACME, [d.doc_id for d in docs if d.tenant == ACME]),
-            GLOBEX: stored_texts(store, GLOBEX, [d.doc_id for d in docs if d.tenant == GLOBEX]),
-        }
-        assert len(own[ACME]) == 17 and own[ACME].isdisjoint(own[GLOBEX])
+        own = tenants_texts(store, docs)
 
         # Every question finds a chunk of the right document holding the answer in its top 3,
         # on either lane, dense or hybrid.
-        requests = [
-            ChatRequest(
-                tenant_id=q.tenant,
-                question=q.text,
-                lane=lane,
-                retrieval=RetrievalOptions(top_k=3, hybrid=hybrid),
-                metadata={"q": i},
-            )
-            for i, q in enumerate(QUESTIONS)
-            for lane, hybrid in (("chat", False), ("bulk", True))
-        ]
-        enriched = await ask(s, requests)
-        for req in requests:
+        asked = corpus_requests()
+        enriched = await ask(s, [req for req, _ in asked])
+        for req, q in asked:
             out = enriched[req.request_id]
-            q = QUESTIONS[int(req.metadata["q"])]
             assert out.request == req and out.tenant_id == req.tenant_id and not out.no_context
             assert len(out.chunks) == min(3, len(own[q.tenant]))
-            assert any(c.doc_id == q.doc_id and q.answer in c.text for c in out.chunks), (
-                f"{q.tenant}: {q.text!r} (hybrid={req.retrieval.hybrid}) got "
-                f"{[c.text[:50] for c in out.chunks]}"
-            )
+            found_answer(out, q)
             assert out.timings.embed_ms is not None and out.timings.search_ms is not None
             assert out.timings.retrieval_batch_ms is not None and out.timings.retrieval_queue_ms is not None
 

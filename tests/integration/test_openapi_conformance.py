@@ -32,6 +32,7 @@ from tests.integration.pipeline_support import (
     pipeline_settings,
     running_pipeline,
     with_database_roles,
+    write_keys,
 )
 from tests.provision import KafkaService, PostgresService
 
@@ -60,8 +61,7 @@ async def gateway_url(
     kafka: KafkaService, postgres: PostgresService, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[tuple[str, Pipeline]]:
     root = tmp_path_factory.mktemp("openapi")
-    keys = root / "keys.toml"
-    keys.write_text(f'[[keys]]\nkey = "{KEY}"\ntenant = "{TENANT}"\nuser = "fuzzer"\n')
+    keys = write_keys(root, (KEY, TENANT, "fuzzer"))
     port = free_port()
     s = await pipeline_settings(
         kafka,
